@@ -1,0 +1,25 @@
+"""rotkern: AdamW in a rotated parameter space, fast and exactly.
+
+Public API: :class:`RotatedAdamW` (eager fp32 reference), :class:`RotatedSGD`, the rotation and scope
+building blocks, and :func:`param_groups_for` to annotate a model's parameters for the scopes.
+"""
+
+from .optim import RotatedAdamW, RotatedSGD
+from .rotations import MAX_BLOCK_SIZE, BlockRotation, Stream, haar_orthogonal, random_permutation
+from .scopes import SCOPES, Unit, build_units, param_groups_for
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_BLOCK_SIZE",
+    "SCOPES",
+    "BlockRotation",
+    "RotatedAdamW",
+    "RotatedSGD",
+    "Stream",
+    "Unit",
+    "build_units",
+    "haar_orthogonal",
+    "param_groups_for",
+    "random_permutation",
+]

@@ -1,0 +1,162 @@
+"""Eager references of the fused ops: the spec, in plain torch. Tests and benchmarks import them from here.
+
+rotated_adamw_ref — one step of rotated AdamW (paper Alg 4) over one parameter group's units:
+
+    g~  = B(pi g)                       (gather + block rotate; g negated when maximize)
+    m   = b1 m + (1 - b1) g~            (moments live in the permuted-rotated layout)
+    v   = b2 v + (1 - b2) g~^2
+    v'  = max(v_max, v) if amsgrad else v
+    u   = m / (sqrt(v') / sqrt(1 - b2^t) + eps)
+    d   = pi^-1(B^T u)                  (unrotate + scatter)
+    p   = p (1 - lr wd) - lr / (1 - b1^t) d
+
+The operation order is torch.optim.AdamW's (single-tensor path), so identity units reproduce it.
+
+rotated_sgdm_ref — rotated SGD with momentum (torch.optim.SGD semantics in the rotated basis):
+
+    g   = g + wd p                      (coupled weight decay, as torch.optim.SGD)
+    g~  = B(pi g)
+    buf = g~ at the first step, else mu buf + (1 - dampening) g~
+    d   = g~ + mu buf if nesterov else buf
+    p   = p - lr pi^-1(B^T d)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..scopes import Unit
+
+__all__ = ["rotated_adamw_ref", "rotated_sgdm_ref"]
+
+
+def _flat(ts: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [None if t is None else t.view(-1) for t in ts]
+
+
+def rotated_adamw_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None,
+    state_steps: Sequence[torch.Tensor],
+    units: Sequence[Unit],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay_mask: Sequence[bool] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One rotated AdamW step, in place, for the given units of one parameter group.
+
+    Args:
+        params, grads: per-parameter tensors of any float dtype; grads of unit members must exist.
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs: per-parameter state, the parameter's shape, in the compute
+            dtype (fp32, or fp64 for tests), holding moments in the rotated layout.
+        state_steps: per-parameter scalar step tensors; incremented once for each parameter of each unit.
+        units: the units to step (``Unit.segments`` index into the lists above).
+        decay_mask: per-parameter bool; parameters with False get no weight decay.
+    """
+    p_flat, g_flat = _flat(params), _flat(grads)
+    m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
+    vmax_flat = _flat(max_exp_avg_sqs) if amsgrad else None
+    for unit in units:
+        members = unit.params
+        for i in members:
+            state_steps[i] += 1
+        step = float(state_steps[members[0]])
+        cdt = exp_avgs[members[0]].dtype
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+
+        g = unit.view(g_flat).to(cdt)
+        if maximize:
+            g = -g
+        if unit.rotation is not None:
+            g = unit.rotation.rotate(g)
+        m = unit.view(m_flat)
+        v = unit.view(v_flat)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            vmax = unit.view(vmax_flat)
+            torch.maximum(vmax, v, out=vmax)
+            denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+            unit.write(vmax_flat, vmax)
+        else:
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        # Global units gather copies, so moments are written back; for views this is a no-op copy.
+        unit.write(m_flat, m)
+        unit.write(v_flat, v)
+        update = m / denom
+        if unit.rotation is not None:
+            update = unit.rotation.unrotate(update)
+
+        p = unit.view(p_flat)
+        p32 = p.to(cdt)
+        if weight_decay != 0:
+            decay = _decay_row(unit, decay_mask, p32)
+            p32 = p32 * (1 - lr * weight_decay * decay) if decay is not None else p32.mul(1 - lr * weight_decay)
+        p32 = p32.add(update, alpha=-lr / bias_correction1)
+        unit.write(p_flat, p32.to(p.dtype))
+
+
+def _decay_row(unit: Unit, decay_mask: Sequence[bool] | None, like: torch.Tensor) -> torch.Tensor | None:
+    """None when every member decays; else a 0/1 row matching the unit's layout."""
+    if decay_mask is None or all(decay_mask[i] for i in unit.params):
+        return None
+    if len(unit.segments) == 1:
+        return like.new_tensor(1.0 if decay_mask[unit.segments[0].param] else 0.0)
+    return torch.cat([like.new_full((s.numel,), 1.0 if decay_mask[s.param] else 0.0) for s in unit.segments])
+
+
+def rotated_sgdm_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    units: Sequence[Unit],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One rotated SGD-with-momentum step, in place (see the module docstring for the math)."""
+    p_flat, g_flat, b_flat = _flat(params), _flat(grads), _flat(momentum_buffers)
+    for unit in units:
+        members = unit.params
+        first = float(state_steps[members[0]]) == 0
+        for i in members:
+            state_steps[i] += 1
+        cdt = momentum_buffers[members[0]].dtype
+        p = unit.view(p_flat)
+        g = unit.view(g_flat).to(cdt)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p.to(cdt), alpha=weight_decay)
+        if unit.rotation is not None:
+            g = unit.rotation.rotate(g)
+        buf = unit.view(b_flat)
+        if momentum != 0:
+            if first:
+                buf.copy_(g)
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            unit.write(b_flat, buf)
+            d = g.add(buf, alpha=momentum) if nesterov else buf
+        else:
+            d = g
+        if unit.rotation is not None:
+            d = unit.rotation.unrotate(d)
+        unit.write(p_flat, p.to(cdt).add(d, alpha=-lr).to(p.dtype))

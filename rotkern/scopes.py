@@ -1,0 +1,299 @@
+"""Rotation scopes: which coordinates are rotated together (SPEC section 2).
+
+A scope turns a parameter group into *units*. A unit is a family of equal-length vectors, gathered
+from the parameters as the rows of a (num_vectors, L) matrix, that all share one :class:`BlockRotation`:
+
+=========  ==========================================================================================
+scope      units
+=========  ==========================================================================================
+none       one identity unit per parameter
+global     one ``flat`` unit: all parameters flattened and concatenated, element-wise permutation
+layer      one ``flat`` unit per weight (q, k, v separately when a fused QKV weight is split)
+output     one ``rows`` unit per weight: each row of the (out, in) matrix, i.e. the weights that end at
+           one output neuron
+input      one ``cols`` unit per weight: each column, i.e. the weights that start at one input neuron
+=========  ==========================================================================================
+
+Layouts. ``flat``: the segments' flattened values concatenated into one row. ``rows``: a parameter's
+contiguous row range viewed as (k, w) with ``w = numel / shape[0]`` (conv kernels flatten their trailing
+dims). ``cols``: the same view transposed, (w, k). Adam's moments are stored per parameter with the
+parameter's shape, holding the rotated value at the same position the unit gathered it from; in the
+global scope the moment of parameter i is therefore the i-th chunk of the rotated global vector.
+
+Roles. Each parameter has a role: ``matrix`` (an (out, in, ...) weight), ``qkv`` (a fused q/k/v weight,
+split into three along dim 0 when ``split_qkv``), ``embedding`` (stored (in, out) = (vocab, dim)) or
+``vector`` (biases, norm weights; any tensor with ndim <= 1).
+
+Defaults where the paper is silent (each configurable):
+
+- ``embedding="transposed"``: the paper (B.1) transposes embeddings before rotating, so output-wise
+  rotates the length-vocab columns of the (vocab, dim) table. ``"as_linear"`` gives C.2's reading
+  (output-wise = per token rows), which is also what a tied lm_head (vocab, dim) would get.
+- ``vectors="auto"``: 1-D parameters join the global vector, are their own vector in the layer scope
+  and stay unrotated in neuron-wise scopes. ``"rotate"`` rotates them as one vector in neuron-wise scopes
+  too; ``"none"`` never rotates them.
+- Neuron-wise vectors longer than the block are permuted within the vector (one permutation per unit,
+  shared by its rows) and split into blocks plus a residual; shorter ones get one Haar block of their
+  own length. Every unit with the same seed shares the same R_n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .rotations import BlockRotation, check_block_size
+
+__all__ = [
+    "SCOPES",
+    "ROLES",
+    "Unit",
+    "Segment",
+    "build_units",
+    "infer_roles",
+    "param_groups_for",
+    "unit_index_map",
+]
+
+SCOPES = ("none", "global", "layer", "output", "input")
+ROLES = ("matrix", "qkv", "embedding", "vector")
+EMBEDDING_ORIENTATIONS = ("transposed", "as_linear")
+VECTOR_POLICIES = ("auto", "rotate", "none")
+DEFAULT_QKV_PATTERNS = ("c_attn.weight", "qkv.weight", "in_proj_weight", "to_qkv.weight")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous range ``[start, stop)`` of parameter ``param``'s flattened values."""
+
+    param: int
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Vectors rotated together.
+
+    layout: "identity" | "flat" | "rows" | "cols".
+    segments: one segment, except for a multi-parameter ``flat`` unit (global scope).
+    width: row width w of the (k, w) view of a ``rows``/``cols`` segment (ignored otherwise).
+    shape: (num_vectors, L) of the gathered matrix.
+    rotation: the shared rotation of length L (None for identity units).
+    """
+
+    layout: str
+    segments: tuple[Segment, ...]
+    width: int
+    shape: tuple[int, int]
+    rotation: BlockRotation | None
+
+    @property
+    def params(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(s.param for s in self.segments))
+
+    def view(self, flats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The unit's (num_vectors, L) view of per-parameter flat tensors (a copy for global units)."""
+        if self.layout == "flat" and len(self.segments) > 1:
+            return torch.cat([flats[s.param][s.start : s.stop] for s in self.segments]).unsqueeze(0)
+        s = self.segments[0]
+        x = flats[s.param][s.start : s.stop]
+        if self.layout in ("flat", "identity"):
+            return x.unsqueeze(0)
+        x = x.view(-1, self.width)
+        return x if self.layout == "rows" else x.t()
+
+    def write(self, flats: Sequence[torch.Tensor], value: torch.Tensor) -> None:
+        """Copy a (num_vectors, L) matrix back into the per-parameter flat tensors."""
+        if self.layout == "flat" and len(self.segments) > 1:
+            off = 0
+            row = value.reshape(-1)
+            for s in self.segments:
+                flats[s.param][s.start : s.stop].copy_(row[off : off + s.numel])
+                off += s.numel
+            return
+        dst = self.view(flats)
+        if dst.data_ptr() != value.data_ptr() or dst.stride() != value.stride():
+            dst.copy_(value)
+
+
+def infer_roles(shapes: Sequence[torch.Size], names: Sequence[str] | None = None,
+                qkv_patterns: Sequence[str] = DEFAULT_QKV_PATTERNS) -> list[str]:
+    """Roles from shapes (and names, to find fused QKV weights): ndim <= 1 -> vector, else matrix."""
+    roles = []
+    for i, shape in enumerate(shapes):
+        if len(shape) <= 1:
+            roles.append("vector")
+        elif names is not None and any(names[i].endswith(p) for p in qkv_patterns) and shape[0] % 3 == 0:
+            roles.append("qkv")
+        else:
+            roles.append("matrix")
+    return roles
+
+
+def _check_choice(value: str, choices: Sequence[str], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def build_units(
+    shapes: Sequence[torch.Size],
+    scope: str,
+    *,
+    block_size: int = 768,
+    seed: int = 0,
+    roles: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    split_qkv: bool = True,
+    embedding: str = "transposed",
+    vectors: str = "auto",
+) -> list[Unit]:
+    """Split a parameter group into rotation units.
+
+    Args:
+        shapes: the parameters' shapes, in group order.
+        scope: one of :data:`SCOPES`.
+        block_size: n, the Haar block size (default 768, the paper's).
+        seed: seed of every rotation in the group.
+        roles: one of :data:`ROLES` per parameter; inferred from shapes (and names) when None.
+    Returns:
+        Units covering every parameter exactly once.
+    """
+    _check_choice(scope, SCOPES, "rotation")
+    _check_choice(embedding, EMBEDDING_ORIENTATIONS, "embedding")
+    _check_choice(vectors, VECTOR_POLICIES, "vectors")
+    check_block_size(block_size)
+    shapes = [torch.Size(s) for s in shapes]
+    roles = list(roles) if roles is not None else infer_roles(shapes, names)
+    if len(roles) != len(shapes):
+        raise ValueError(f"roles has {len(roles)} entries for {len(shapes)} parameters")
+    for i, r in enumerate(roles):
+        _check_choice(r, ROLES, f"roles[{i}]")
+        if r != "vector" and len(shapes[i]) < 2:
+            raise ValueError(f"parameter {_pname(names, i)} has role {r!r} but shape {tuple(shapes[i])}; use 'vector'")
+
+    numels = [s.numel() for s in shapes]
+    units: list[Unit] = []
+
+    def identity(i: int) -> None:
+        if numels[i]:
+            units.append(Unit("identity", (Segment(i, 0, numels[i]),), 0, (1, numels[i]), None))
+
+    def flat(segs: list[Segment]) -> None:
+        total = sum(s.numel for s in segs)
+        if total:
+            rot = BlockRotation(total, block_size, seed, perm_stream=("unit", len(units)))
+            units.append(Unit("flat", tuple(segs), 0, (1, total), rot))
+
+    def neuron(i: int, start_row: int, stop_row: int, layout: str) -> None:
+        width = numels[i] // shapes[i][0]
+        k = stop_row - start_row
+        if k * width == 0:
+            return
+        rows, length = (k, width) if layout == "rows" else (width, k)
+        perm = ("unit", len(units)) if length > block_size else None
+        rot = BlockRotation(length, block_size, seed, perm_stream=perm)
+        units.append(Unit(layout, (Segment(i, start_row * width, stop_row * width),), width, (rows, length), rot))
+
+    def pieces(i: int) -> list[tuple[int, int]]:
+        n0 = shapes[i][0]
+        if roles[i] == "qkv" and split_qkv:
+            return [(j * n0 // 3, (j + 1) * n0 // 3) for j in range(3)]
+        return [(0, n0)]
+
+    if scope == "none":
+        for i in range(len(shapes)):
+            identity(i)
+        return units
+    if scope == "global":
+        members = [i for i in range(len(shapes)) if not (roles[i] == "vector" and vectors == "none")]
+        flat([Segment(i, 0, numels[i]) for i in members if numels[i]])
+        for i in range(len(shapes)):
+            if i not in members:
+                identity(i)
+        return units
+    for i in range(len(shapes)):
+        if roles[i] == "vector":
+            rotate_vector = vectors == "rotate" or (vectors == "auto" and scope == "layer")
+            flat([Segment(i, 0, numels[i])]) if rotate_vector else identity(i)
+            continue
+        width = numels[i] // shapes[i][0] if shapes[i][0] else 0
+        for a, b in pieces(i):
+            if scope == "layer":
+                flat([Segment(i, a * width, b * width)])
+                continue
+            # An embedding stored (in, out) is transposed before rotating, which swaps rows and columns.
+            swap = roles[i] == "embedding" and embedding == "transposed"
+            want_rows = (scope == "output") != swap
+            neuron(i, a, b, "rows" if want_rows else "cols")
+    return units
+
+
+def _pname(names: Sequence[str] | None, i: int) -> str:
+    return repr(names[i]) if names is not None and i < len(names) else f"#{i}"
+
+
+def unit_index_map(unit: Unit, numels: Sequence[int]) -> torch.Tensor:
+    """(num_vectors, L) int64 positions of the unit's entries in the group's concatenated flat vector.
+
+    ``numels[i]`` is parameter i's size. Used by tests and the dense oracle.
+    """
+    flats, off = [], 0
+    for n in numels:
+        flats.append(torch.arange(off, off + n, dtype=torch.int64))
+        off += n
+    return unit.view(flats).clone()
+
+
+def param_groups_for(
+    model: nn.Module,
+    *,
+    weight_decay: float | None = None,
+    no_decay_1d: bool = True,
+    qkv_patterns: Sequence[str] = DEFAULT_QKV_PATTERNS,
+    **group_options,
+) -> list[dict]:
+    """Parameter groups of a model, annotated with names and roles for the rotation scopes.
+
+    Embedding weights (``nn.Embedding``) get role ``embedding``; weights whose name ends with one of
+    ``qkv_patterns`` and whose first dim divides by 3 get ``qkv``; other >= 2-D tensors ``matrix``;
+    the rest ``vector``. A weight shared by several modules (tied wte / lm_head) appears once, with the
+    role of its first owner in ``named_modules()`` order.
+
+    With ``weight_decay`` set, the group gets nanoGPT's decay rule as a ``decay_mask``: >= 2-D tensors
+    decayed, the others not (``no_decay_1d``). Extra keyword options (``rotation=``, ``block_size=``, ``seed=`` ...) are copied
+    into every group.
+    """
+    roles: dict[int, str] = {}
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            roles.setdefault(id(mod.weight), "embedding")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    inferred = infer_roles([p.shape for _, p in named], names, qkv_patterns)
+    for (_, p), r in zip(named, inferred, strict=True):
+        roles.setdefault(id(p), r)
+
+    def group(items: list[tuple[str, torch.Tensor]], **extra) -> dict:
+        return {
+            "params": [p for _, p in items],
+            "names": [n for n, _ in items],
+            "roles": [roles[id(p)] for _, p in items],
+            **group_options,
+            **extra,
+        }
+
+    if weight_decay is None:
+        return [group(named)]
+    # One group with a per-parameter decay mask, not nanoGPT's two groups: a global rotation spans all
+    # parameters of a group, and the paper's global scope covers every weight (SPEC section 2).
+    mask = [p.dim() >= 2 or not no_decay_1d for _, p in named]
+    return [group(named, weight_decay=weight_decay, decay_mask=mask)]

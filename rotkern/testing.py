@@ -1,0 +1,126 @@
+"""Testing helpers: the one tolerance table, ``assert_close_to_ref`` and the dense-matrix oracle.
+
+Every precision test in rotkern takes its tolerances from :data:`TOLERANCES`; change them here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["TOLERANCES", "tolerance", "assert_close_to_ref", "dense_adamw_oracle", "error_summary"]
+
+# (what is compared) -> (rtol, atol). Keys name the comparison, not the test.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    # rotation="none" against torch.optim.AdamW (same fp32 op order; rounding of addcdiv differs).
+    "identity_vs_torch": (1e-6, 1e-7),
+    # fp32 rotated optimizer against the dense fp64 oracle, 20 steps (issue 2).
+    "ref_vs_oracle": (1e-5, 1e-6),
+    # rotate/unrotate round trip, fp32.
+    "roundtrip_fp32": (1e-6, 1e-6),
+    # rotated SGD-M against plain SGD-M (equivariance, fp32).
+    "sgdm_equivariance": (1e-5, 1e-6),
+    # fused kernels against the eager fp32 reference, fp32-accurate dot modes (ieee, tf32x3).
+    "fused_fp32": (1e-5, 1e-6),
+    # fused kernels with plain tf32 dots (10-bit mantissa products).
+    "fused_tf32": (5e-2, 5e-3),
+    # bf16 params: the Dao rule floor, err(kernel, fp64) <= 2 err(eager, fp64) + atol.
+    "bf16_floor": (0.0, 1e-2),
+    # fp32 floor for the Dao rule against a float64 reference.
+    "fp32_floor": (0.0, 1e-6),
+}
+
+
+def tolerance(name: str) -> tuple[float, float]:
+    """(rtol, atol) for a named comparison."""
+    return TOLERANCES[name]
+
+
+def error_summary(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    a, e = actual.detach().double().reshape(-1).cpu(), expected.detach().double().reshape(-1).cpu()
+    diff = (a - e).abs()
+    worst = int(diff.argmax()) if diff.numel() else 0
+    rel_rms = (diff.square().mean().sqrt() / e.square().mean().sqrt().clamp_min(1e-300)).item() if e.numel() else 0.0
+    return (
+        f"max|diff|={diff.max().item() if diff.numel() else 0.0:.3e} at flat index {worst} "
+        f"(got {a[worst].item() if a.numel() else 0:.9g}, want {e[worst].item() if e.numel() else 0:.9g}), "
+        f"relative RMS error={rel_rms:.3e}"
+    )
+
+
+def assert_close_to_ref(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    name: str,
+    *,
+    eager: torch.Tensor | None = None,
+    what: str = "",
+) -> None:
+    """Assert ``actual`` matches ``expected`` under the named tolerance.
+
+    With ``eager`` given, applies the Dao rule instead: ``expected`` is a float64 reference and
+    ``max|actual - expected| <= 2 max|eager - expected| + atol``.
+    """
+    rtol, atol = tolerance(name)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    if eager is not None:
+        ref = expected.double()
+        err = (actual.double() - ref).abs().max().item() if ref.numel() else 0.0
+        eager_err = (eager.double() - ref).abs().max().item() if ref.numel() else 0.0
+        if not err <= 2 * eager_err + atol:
+            raise AssertionError(
+                f"{what}: kernel error {err:.3e} > 2 x eager error {eager_err:.3e} + {atol:g}; "
+                + error_summary(actual, expected)
+            )
+        return
+    try:
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+    except AssertionError as exc:
+        raise AssertionError(f"{what} [{name}: rtol={rtol:g}, atol={atol:g}]: {error_summary(actual, expected)}") from exc
+
+
+def dense_adamw_oracle(
+    rotation: torch.Tensor,
+    params0: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decay: torch.Tensor | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AdamW in the basis ``D = rotation`` by dense float64 matmuls: the textbook Alg 4.
+
+    Args:
+        rotation: (d, d) orthogonal D (from ``optimizer.rotation_matrix()``).
+        params0: (d,) initial flat parameters.
+        grads: per step, a (d,) flat gradient (in the standard basis).
+        decay: (d,) 0/1 mask of decayed coordinates, or None for all.
+    Returns:
+        (params, exp_avg, exp_avg_sq): flat (d,) float64, moments in the rotated layout.
+    """
+    dt = torch.float64
+    d_mat = rotation.to(dt)
+    theta = params0.to(dt).clone()
+    m = torch.zeros_like(theta)
+    v = torch.zeros_like(theta)
+    vmax = torch.zeros_like(theta)
+    b1, b2 = betas
+    wd = weight_decay * (decay.to(dt) if decay is not None else 1.0)
+    for t, g in enumerate(grads, start=1):
+        g = g.to(dt)
+        if maximize:
+            g = -g
+        gt = d_mat @ g
+        m = b1 * m + (1 - b1) * gt
+        v = b2 * v + (1 - b2) * gt * gt
+        vmax = torch.maximum(vmax, v)
+        vv = vmax if amsgrad else v
+        u = (m / (1 - b1**t)) / (vv.sqrt() / (1 - b2**t) ** 0.5 + eps)
+        theta = theta * (1 - lr * wd) - lr * (d_mat.T @ u)
+    return theta, m, v
