@@ -113,7 +113,9 @@ def haar_orthogonal(n: int, generator: Stream | int, *, dtype: torch.dtype = tor
     return (q * d.unsqueeze(0)).to(dtype).contiguous()
 
 
-def random_permutation(length: int, generator: Stream | int, *, device: torch.device | str | None = None) -> torch.Tensor:
+def random_permutation(
+    length: int, generator: Stream | int, *, device: torch.device | str | None = None
+) -> torch.Tensor:
     """A uniformly random permutation of ``range(length)`` as int64.
 
     A stable sort of hashed 62-bit keys: the result is identical on every device, so large permutations
@@ -168,7 +170,9 @@ class BlockRotation:
             return None
         return _haar_cached(self.block_size, self.seed, dtype, str(torch.device(device)))
 
-    def residual_block(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    def residual_block(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> torch.Tensor | None:
         """R_p, (p, p), or None when p = 0."""
         if self.residual == 0:
             return None
@@ -180,7 +184,9 @@ class BlockRotation:
             return None
         return self._get(
             ("perm", str(device)),
-            lambda: random_permutation(self.length, Stream(self.seed, "perm", self.length, *self.perm_stream), device=device),
+            lambda: random_permutation(
+                self.length, Stream(self.seed, "perm", self.length, *self.perm_stream), device=device
+            ),
         )
 
     def inverse_permutation(self, device: torch.device | str = "cpu") -> torch.Tensor | None:

@@ -124,8 +124,9 @@ class Unit:
             dst.copy_(value)
 
 
-def infer_roles(shapes: Sequence[torch.Size], names: Sequence[str] | None = None,
-                qkv_patterns: Sequence[str] = DEFAULT_QKV_PATTERNS) -> list[str]:
+def infer_roles(
+    shapes: Sequence[torch.Size], names: Sequence[str] | None = None, qkv_patterns: Sequence[str] = DEFAULT_QKV_PATTERNS
+) -> list[str]:
     """Roles from shapes (and names, to find fused QKV weights): ndim <= 1 -> vector, else matrix."""
     roles = []
     for i, shape in enumerate(shapes):
@@ -269,8 +270,8 @@ def param_groups_for(
     role of its first owner in ``named_modules()`` order.
 
     With ``weight_decay`` set, the group gets nanoGPT's decay rule as a ``decay_mask``: >= 2-D tensors
-    decayed, the others not (``no_decay_1d``). Extra keyword options (``rotation=``, ``block_size=``, ``seed=`` ...) are copied
-    into every group.
+    decayed, the others not (``no_decay_1d``). Extra keyword options (``rotation=``, ``block_size=``,
+    ``seed=`` ...) are copied into every group.
     """
     roles: dict[int, str] = {}
     for _, mod in model.named_modules():

@@ -78,7 +78,9 @@ def assert_close_to_ref(
     try:
         torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
     except AssertionError as exc:
-        raise AssertionError(f"{what} [{name}: rtol={rtol:g}, atol={atol:g}]: {error_summary(actual, expected)}") from exc
+        raise AssertionError(
+            f"{what} [{name}: rtol={rtol:g}, atol={atol:g}]: {error_summary(actual, expected)}"
+        ) from exc
 
 
 def dense_adamw_oracle(

@@ -60,17 +60,17 @@ def rotated_adamw_ref(
         params, grads: per-parameter tensors of any float dtype; grads of unit members must exist.
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs: per-parameter state, the parameter's shape, in the compute
             dtype (fp32, or fp64 for tests), holding moments in the rotated layout.
-        state_steps: per-parameter scalar step tensors; incremented once for each parameter of each unit.
+        state_steps: per-parameter scalar step tensors; each parameter of the units is incremented once
+            (a parameter split into several units, e.g. q/k/v, still counts one step).
         units: the units to step (``Unit.segments`` index into the lists above).
         decay_mask: per-parameter bool; parameters with False get no weight decay.
     """
     p_flat, g_flat = _flat(params), _flat(grads)
     m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
     vmax_flat = _flat(max_exp_avg_sqs) if amsgrad else None
+    _advance_steps(state_steps, units)
     for unit in units:
         members = unit.params
-        for i in members:
-            state_steps[i] += 1
         step = float(state_steps[members[0]])
         cdt = exp_avgs[members[0]].dtype
         bias_correction1 = 1 - beta1**step
@@ -108,6 +108,11 @@ def rotated_adamw_ref(
         unit.write(p_flat, p32.to(p.dtype))
 
 
+def _advance_steps(state_steps: Sequence[torch.Tensor], units: Sequence[Unit]) -> None:
+    for i in dict.fromkeys(i for u in units for i in u.params):
+        state_steps[i] += 1
+
+
 def _decay_row(unit: Unit, decay_mask: Sequence[bool] | None, like: torch.Tensor) -> torch.Tensor | None:
     """None when every member decays; else a 0/1 row matching the unit's layout."""
     if decay_mask is None or all(decay_mask[i] for i in unit.params):
@@ -133,11 +138,10 @@ def rotated_sgdm_ref(
 ) -> None:
     """One rotated SGD-with-momentum step, in place (see the module docstring for the math)."""
     p_flat, g_flat, b_flat = _flat(params), _flat(grads), _flat(momentum_buffers)
+    _advance_steps(state_steps, units)
     for unit in units:
         members = unit.params
-        first = float(state_steps[members[0]]) == 0
-        for i in members:
-            state_steps[i] += 1
+        first = float(state_steps[members[0]]) == 1
         cdt = momentum_buffers[members[0]].dtype
         p = unit.view(p_flat)
         g = unit.view(g_flat).to(cdt)

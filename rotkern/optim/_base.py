@@ -184,7 +184,9 @@ class RotatedOptimizerBase(Optimizer):
         parameter shapes or state tensors do not match; the input dict is never modified.
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("load_state_dict: expected a dict with 'state' and 'param_groups' (an optimizer state_dict)")
+            raise ValueError(
+                "load_state_dict: expected a dict with 'state' and 'param_groups' (an optimizer state_dict)"
+            )
         meta = state_dict.get("rotkern")
         if not isinstance(meta, dict) or meta.get("format") != STATE_DICT_FORMAT:
             raise ValueError(
@@ -193,10 +195,14 @@ class RotatedOptimizerBase(Optimizer):
             )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
+            raise ValueError(
+                f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
         for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             if len(sg["params"]) != len(g["params"]):
-                raise ValueError(f"param group {gi}: checkpoint has {len(sg['params'])} params, optimizer has {len(g['params'])}")
+                raise ValueError(
+                    f"param group {gi}: checkpoint has {len(sg['params'])} params, optimizer has {len(g['params'])}"
+                )
             for key in SPEC_KEYS + ("names",):
                 mine, theirs = _freeze(g.get(key)), _freeze(sg.get(key))
                 if key == "names" and (mine is None or theirs is None):
@@ -214,7 +220,9 @@ class RotatedOptimizerBase(Optimizer):
             )
         )
         labels = {
-            id(p): _label(g["names"], gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
+            id(p): _label(g["names"], gi, i)
+            for gi, g in enumerate(self.param_groups)
+            for i, p in enumerate(g["params"])
         }
         new_state: dict = {}
         for pid, st in state_dict["state"].items():
@@ -234,7 +242,8 @@ class RotatedOptimizerBase(Optimizer):
                 else:
                     if tuple(val.shape) != tuple(p.shape):
                         raise ValueError(
-                            f"checkpoint state '{key}' of {label} has shape {tuple(val.shape)}, the param has {tuple(p.shape)}"
+                            f"checkpoint state '{key}' of {label} has shape {tuple(val.shape)}, "
+                            f"the param has {tuple(p.shape)}"
                         )
                     new[key] = val.detach().to(device=p.device, dtype=self.compute_dtype, copy=True)
             new_state[p] = new
@@ -302,7 +311,9 @@ def _freeze(x):
     return x
 
 
-def check_hyper(name: str, value: float, low: float | None = 0.0, high: float | None = None, high_open: bool = True) -> None:
+def check_hyper(
+    name: str, value: float, low: float | None = 0.0, high: float | None = None, high_open: bool = True
+) -> None:
     """Raise ValueError for an out-of-range hyperparameter (torch.optim's messages)."""
     if torch.is_tensor(value):
         if value.numel() != 1:

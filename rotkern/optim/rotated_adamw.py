@@ -62,8 +62,17 @@ class RotatedAdamW(RotatedOptimizerBase):
         check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0)
         check_hyper("weight_decay value", weight_decay)
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            rotation=rotation, block_size=block_size, seed=seed, split_qkv=split_qkv, embedding=embedding,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            rotation=rotation,
+            block_size=block_size,
+            seed=seed,
+            split_qkv=split_qkv,
+            embedding=embedding,
             vectors=vectors,
         )
         super().__init__(params, defaults, compute_dtype)

@@ -47,9 +47,18 @@ class RotatedSGD(RotatedOptimizerBase):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, rotation=rotation, block_size=block_size, seed=seed, split_qkv=split_qkv,
-            embedding=embedding, vectors=vectors,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            rotation=rotation,
+            block_size=block_size,
+            seed=seed,
+            split_qkv=split_qkv,
+            embedding=embedding,
+            vectors=vectors,
         )
         super().__init__(params, defaults, compute_dtype)
 
