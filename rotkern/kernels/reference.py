@@ -100,11 +100,12 @@ def rotated_adamw_ref(
             update = unit.rotation.unrotate(update)
 
         p = unit.view(p_flat)
-        p32 = p.to(cdt)
+        # In place when the param already has the compute dtype (p32 then aliases it and write is a no-op).
+        p32 = p if p.dtype == cdt else p.to(cdt)
         if weight_decay != 0:
             decay = _decay_row(unit, decay_mask, p32)
-            p32 = p32 * (1 - lr * weight_decay * decay) if decay is not None else p32.mul(1 - lr * weight_decay)
-        p32 = p32.add(update, alpha=-lr / bias_correction1)
+            p32.mul_(1 - lr * weight_decay * (1.0 if decay is None else decay))
+        p32.add_(update, alpha=-lr / bias_correction1)
         unit.write(p_flat, p32.to(p.dtype))
 
 
