@@ -1,4 +1,8 @@
-"""``python -m rotkern.trainers <command> [--key=value ...]`` (also the ``rotkern`` console script)."""
+"""``python -m rotkern.trainers <command> [--key=value ...]`` (also the ``rotkern`` console script).
+
+Commands: quadratic (Figure 4 in miniature), train (one run), compare (Figure 1 in miniature: one model under
+several rotation scopes), validate (eager against fused RotatedAdamW on identical batches).
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,59 @@ import argparse
 import dataclasses
 import sys
 
+from .common import TrainerError, add_config_args, config_from_args
 
-def _add_config_args(parser: argparse.ArgumentParser, cfg_cls) -> None:
-    for f in dataclasses.fields(cfg_cls):
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default)
+
+def _add_config_args(parser: argparse.ArgumentParser, cfg_cls) -> None:  # kept for callers of the old name
+    add_config_args(parser, cfg_cls)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .compare import CompareConfig
     from .quadratic import QuadraticConfig
-    from .quadratic import main as quadratic_main
+    from .train import PRESETS, TrainConfig
+    from .validate import ValidateConfig
 
-    parser = argparse.ArgumentParser(prog="rotkern", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rotkern", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quadratic", help="Figure 4 in miniature: Adam vs rotated Adam vs SGD-M on a quadratic")
-    _add_config_args(q, QuadraticConfig)
+    add_config_args(q, QuadraticConfig)
+    commands = {
+        "train": (TrainConfig, "one training run (GPT / SimpleViT / ResNet); --preset=" + "|".join(PRESETS)),
+        "compare": (CompareConfig, "Figure 1 in miniature: the same run under several rotation scopes"),
+        "validate": (ValidateConfig, "eager vs fused RotatedAdamW on identical batches from an identical init"),
+    }
+    for name, (cls, text) in commands.items():
+        add_config_args(sub.add_parser(name, help=text, description=text), cls, suppress=True)
     args = parser.parse_args(argv)
-    if args.command == "quadratic":
-        cfg = QuadraticConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuadraticConfig)})
-        quadratic_main(cfg)
-    return 0
+    try:
+        if args.command == "quadratic":
+            from .quadratic import main as quadratic_main
+
+            cfg = QuadraticConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuadraticConfig)})
+            quadratic_main(cfg)
+            return 0
+        cls = commands[args.command][0]
+        cfg = config_from_args(cls, args, PRESETS)
+        if args.command == "train":
+            from .train import train
+
+            train(cfg)
+            return 0
+        if args.command == "compare":
+            from .compare import compare
+
+            compare(cfg)
+            return 0
+        from .validate import validate
+
+        return 0 if validate(cfg)["passed"] else 1
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

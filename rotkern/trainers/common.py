@@ -1,0 +1,192 @@
+"""Shared by the trainers: the error class the CLI reports in one line, dataclass configs with presets and
+``--key=value`` overrides, the log header (versions, device, git sha, config), atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class TrainerError(Exception):
+    """A user-facing problem (bad path, bad data, mismatched checkpoint): the CLI prints ``error: ...``, exits 2."""
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def field_types(cfg_cls) -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else _TYPES[f.type] for f in dataclasses.fields(cfg_cls)}
+
+
+def add_config_args(parser: argparse.ArgumentParser, cfg_cls, *, suppress: bool = False) -> None:
+    """One ``--name`` option per dataclass field, typed like the field (nanoGPT's configurator, with argparse).
+
+    With ``suppress``, options left out do not appear in the namespace, so presets can fill them.
+    """
+    for f in dataclasses.fields(cfg_cls):
+        kind = field_types(cfg_cls)[f.name]
+        default = argparse.SUPPRESS if suppress else f.default
+        parser.add_argument(
+            f"--{f.name}",
+            type=_parse_bool if kind is bool else kind,
+            default=default,
+            metavar=kind.__name__.upper(),
+            help=f"default {f.default!r}",
+        )
+
+
+def config_from_args(cfg_cls, args: argparse.Namespace, presets: dict[str, dict] | None = None):
+    """Dataclass defaults, then the ``preset`` named on the command line (if any), then explicit options."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls) if hasattr(args, f.name)}
+    values: dict[str, Any] = {}
+    preset = given.get("preset", "")
+    if preset:
+        if presets is None or preset not in presets:
+            raise TrainerError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(presets or {}))}")
+        values.update(presets[preset])
+    values.update(given)
+    return cfg_cls(**values)
+
+
+# -- log header ----------------------------------------------------------------------------------------
+
+
+def git_sha() -> str | None:
+    """HEAD of the repository holding this package (with ``-dirty`` for local changes), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def code_hash() -> str:
+    """sha256 of rotkern's own .py sources (identifies the code when git is not available)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import numpy
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+
+
+def header(cfg, device: torch.device, **extra) -> dict:
+    from .. import __version__
+
+    return {
+        "type": "header",
+        "rotkern": __version__,
+        "versions": versions(),
+        "device": device_name(device),
+        "git_sha": git_sha(),
+        "code_hash": code_hash(),
+        "argv": sys.argv,
+        **extra,
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+class JsonlLog:
+    """Append-only JSONL log; refuses to touch an existing log unless ``append`` (a resumed run)."""
+
+    def __init__(self, path: str | os.PathLike | None, *, append: bool = False) -> None:
+        self.path = Path(path) if path else None
+        if self.path is None:
+            self._f = None
+            return
+        if self.path.exists() and not append:
+            raise TrainerError(
+                f"{self.path} already exists; pass --resume=CHECKPOINT to continue it or pick another out_dir"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record, default=str) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def ema(values: list[float], decay: float) -> list[float]:
+    """Bias-corrected exponential moving average: s_t = decay s_(t-1) + (1 - decay) x_t, divided by 1 - decay^t."""
+    out, s = [], 0.0
+    for t, x in enumerate(values, 1):
+        s = decay * s + (1 - decay) * x
+        out.append(s / (1 - decay**t))
+    return out

@@ -1,0 +1,613 @@
+"""``rotkern train``: one training run of GPT, SimpleViT or ResNet under AdamW, rotated AdamW or SGD-M.
+
+nanoGPT's loop: linear warm-up then cosine decay to a floor, gradient clipping, gradient accumulation,
+optional bf16 autocast, DDP under torchrun, weight decay on >= 2-D tensors only. The log is JSONL: a header
+(versions, device, optimizer backend, git sha, data, full config), one record per step (loss, lr, grad norm,
+throughput, step and optimizer time), eval records and a final record. Checkpoints hold the model, the
+optimizer, the step and the config; they are written atomically and never over a file this run did not
+resume from. Batches are a function of (seed, step), so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..scopes import SCOPES, param_groups_for
+from .common import JsonlLog, TrainerError, atomic_save, header
+from .data import ImageData, TextData, load_images, load_text
+from .models import ATTENTION_BACKENDS, MODELS, GPTConfig, build_model, model_config, model_kind
+
+OPTIMIZERS = ("adamw", "rotated-eager", "rotated-fused", "sgdm")
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    preset: str = ""  # start from a preset (see PRESETS), then apply the other options
+    # --- model and data
+    model: str = "gpt-tiny"  # gpt2-124m | gpt-tiny | vit-s16 | vit-tiny | resnet50 | resnet18 | resnet-tiny
+    data: str = ""  # "" = embedded (stdlib text / digits or synthetic images); file, folder, train.bin+val.bin folder
+    data_max_bytes: int = 4_000_000  # cap on the text read from files (train + val)
+    context: int = 0  # GPT sequence length; 0 = the model's
+    attention: str = "math"  # SDPA backend: math (the paper ran without FlashAttention) | auto | flash | efficient
+    # --- optimizer
+    optimizer: str = "rotated-eager"  # adamw (torch) | rotated-eager (RotatedAdamW) | rotated-fused | sgdm (torch)
+    rotation: str = "global"  # none | global | layer | output | input
+    block_size: int = 768  # Haar block size n (the paper's)
+    precision: str = "tf32x3"  # rotated-fused dot precision: ieee | tf32x3 | tf32
+    backend: str = "auto"  # rotated-fused backend (see rotkern._backend)
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # cosine floor
+    warmup_steps: int = 20
+    decay_steps: int = 0  # cosine length, warm-up included; 0 = steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on >= 2-D tensors only (nanoGPT)
+    momentum: float = 0.9  # sgdm only
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    # --- run
+    steps: int = 200
+    stop_step: int = 0  # stop after this step (0 = steps); the schedule still spans `steps`; resume later
+    batch_size: int = 16  # micro-batch per process
+    grad_accum: int = 1  # micro-batches per step over all processes (nanoGPT's); a multiple of the world size
+    bf16: bool = False  # bf16 autocast for forward and backward; the optimizer stays fp32
+    tf32: bool = False  # allow TF32 matmuls on CUDA (would also touch the eager optimizer's rotations)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # model init, batches and rotations
+    eval_every: int = 50  # 0 = only at the end
+    eval_batches: int = 8  # validation batches per evaluation (0 = the whole image val split)
+    print_every: int = 20  # console progress; 0 = quiet
+    save_every: int = 0  # checkpoint every N steps (0 = at the end only)
+    save: bool = True  # write a checkpoint at the end
+    out_dir: str = "runs/train"
+    resume: str = ""  # checkpoint to continue from; later saves replace it
+
+
+# Each preset is a set of overrides on top of the defaults (the defaults are the CPU `tiny` run).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "gpt-tiny": {},
+    "vit-tiny": dict(model="vit-tiny", lr=3e-3, min_lr=3e-4, beta2=0.999, batch_size=64, weight_decay=0.1),
+    "resnet-tiny": dict(model="resnet-tiny", lr=3e-3, min_lr=3e-4, beta2=0.999, batch_size=64, weight_decay=1e-4),
+    # The paper's setups (SPEC section 8). ImageNet epochs in steps: 1,281,167 images / batch.
+    "gpt2-124m": dict(
+        model="gpt2-124m",
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=2000,
+        steps=100_000,
+        batch_size=12,
+        grad_accum=40,
+        beta2=0.95,
+        weight_decay=0.1,
+        bf16=True,
+        eval_every=2000,
+        eval_batches=200,
+        print_every=10,
+        save_every=5000,
+    ),
+    "vit-s16": dict(
+        model="vit-s16",
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_steps=6255,
+        steps=125_100,
+        batch_size=128,
+        grad_accum=8,
+        beta2=0.999,
+        weight_decay=0.1,
+        bf16=True,
+        eval_every=1251,
+        eval_batches=0,
+        print_every=10,
+        save_every=6255,
+    ),
+    "resnet50": dict(
+        model="resnet50",
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_steps=25_025,
+        steps=500_500,
+        batch_size=256,
+        grad_accum=1,
+        beta2=0.999,
+        weight_decay=1e-4,
+        eval_every=5005,
+        eval_batches=0,
+        print_every=10,
+        save_every=25_025,
+    ),
+}
+
+
+def check_config(cfg: TrainConfig, world: int = 1) -> None:
+    choices = {
+        "model": tuple(MODELS),
+        "optimizer": OPTIMIZERS,
+        "rotation": SCOPES,
+        "precision": PRECISIONS,
+        "attention": ATTENTION_BACKENDS,
+    }
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise TrainerError(f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in ("steps", "batch_size", "grad_accum"):
+        if getattr(cfg, key) < 1:
+            raise TrainerError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.grad_accum % world:
+        raise TrainerError(f"--grad_accum={cfg.grad_accum} is not a multiple of the world size {world}")
+    if cfg.stop_step < 0 or cfg.stop_step > cfg.steps:
+        raise TrainerError(f"--stop_step={cfg.stop_step} must lie in [0, steps={cfg.steps}]")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """nanoGPT's schedule: linear warm-up over warmup_steps, cosine from lr to min_lr until decay_steps, then min_lr."""
+    decay = cfg.decay_steps or cfg.steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if step >= decay:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_steps) / max(decay - cfg.warmup_steps, 1)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+# -- set-up --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    device: torch.device
+    data: TextData | ImageData
+    model_cfg: Any
+    context: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def kind(self) -> str:
+        return self.data.kind
+
+    @property
+    def global_rows(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.kind == "text" else "images"
+
+    def items_per_step(self) -> int:
+        return self.global_rows * (self.context if self.kind == "text" else 1)
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.cfg.seed)
+        return build_model(self.model_cfg).to(self.device)
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.batch(
+            step, micro, self.rank, self.world, self.cfg.batch_size, self.global_rows, self.context, self.cfg.seed
+        )
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainerError(f"--device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainerError("--device=cuda but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def make_setup(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> Setup:
+    check_config(cfg, world)
+    device = resolve_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    base = MODELS[cfg.model]
+    if model_kind(cfg.model) == "text":
+        assert isinstance(base, GPTConfig)
+        context = cfg.context or base.block_size
+        data = load_text(cfg.data, cfg.data_max_bytes)
+        data.check(base.vocab_size, context)
+        mcfg = model_config(cfg.model, block_size=max(context, base.block_size), attention=cfg.attention)
+    else:
+        data = load_images(cfg.data, base.image_size)
+        if data.image_size != base.image_size and hasattr(base, "patch_size") and data.image_size % base.patch_size:
+            raise TrainerError(
+                f"{cfg.model} uses {base.patch_size}px patches, which do not tile the data's "
+                f"{data.image_size}px images; use vit-tiny or image data of another size"
+            )
+        mcfg = model_config(
+            cfg.model,
+            num_classes=data.num_classes,
+            channels=data.channels,
+            image_size=data.image_size,
+            attention=cfg.attention,
+        )
+        context = 0
+    return Setup(cfg, device, data, mcfg, context, rank, world)
+
+
+def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
+    """nanoGPT's decay rule (>= 2-D decayed): one group with a decay mask for the rotated optimizers (a global
+    rotation spans every parameter), two groups for torch's."""
+    if cfg.optimizer.startswith("rotated"):
+        return param_groups_for(model, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def fused_class():
+    import rotkern
+
+    cls = getattr(rotkern, "FusedRotatedAdamW", None)
+    if cls is None:
+        raise TrainerError(
+            "--optimizer=rotated-fused needs rotkern.FusedRotatedAdamW, which this install lacks (issue 3)"
+        )
+    return cls
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, optimizer: str | None = None) -> torch.optim.Optimizer:
+    name = optimizer or cfg.optimizer
+    groups = param_groups(dataclasses.replace(cfg, optimizer=name), model)
+    betas = (cfg.beta1, cfg.beta2)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    if name == "sgdm":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    rot = dict(rotation=cfg.rotation, block_size=cfg.block_size, seed=cfg.seed)
+    if name == "rotated-eager":
+        from ..optim import RotatedAdamW
+
+        return RotatedAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **rot)
+    cls = fused_class()
+    try:
+        return cls(
+            groups,
+            lr=cfg.lr,
+            betas=betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            precision=cfg.precision,
+            backend=cfg.backend,
+            **rot,
+        )
+    except (RuntimeError, ValueError) as e:
+        raise TrainerError(f"rotated-fused (precision={cfg.precision}, backend={cfg.backend}): {e}") from None
+
+
+def optimizer_backend(opt: torch.optim.Optimizer) -> str:
+    """What actually runs the optimizer step, as far as the optimizer says."""
+    name = type(opt).__name__
+    if isinstance(opt, (torch.optim.AdamW, torch.optim.SGD)):
+        return f"torch.optim.{name}"
+    if name == "RotatedAdamW":
+        return "eager (rotkern.kernels.reference.rotated_adamw_ref)"
+    for attr in ("backend_used", "active_backend", "resolved_backend", "last_backend", "backend"):
+        val = getattr(opt, attr, None)
+        if callable(val):
+            with contextlib.suppress(Exception):
+                val = val()
+        if isinstance(val, str) and val and val != "auto":
+            return f"{name}: {val}"
+    try:  # the optimizer does not say: ask the backend selector what it would pick for these params
+        from .._backend import resolve_backend
+
+        requested = opt.param_groups[0].get("backend", opt.defaults.get("backend", "auto"))
+        return f"{name}: {resolve_backend(requested, opt.param_groups[0]['params'][0])} (resolved by rotkern._backend)"
+    except Exception:
+        return f"{name}: backend not reported"
+
+
+# -- steps ---------------------------------------------------------------------------------------------
+
+
+def loss_of(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if kind == "text":
+        return model(x, y)[1]
+    return F.cross_entropy(model(x).float(), y)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str, float]:
+    """One optimizer step over grad_accum / world micro-batches; returns the step's log fields."""
+    cfg, ddp = s.cfg, isinstance(model, nn.parallel.DistributedDataParallel)
+    t0 = time.perf_counter()
+    lr = lr_at(cfg, step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    local = cfg.grad_accum // s.world
+    loss_sum = torch.zeros((), device=s.device)
+    for micro in range(local):
+        x, y = s.batch(step, micro)
+        sync = model.no_sync() if ddp and micro < local - 1 else contextlib.nullcontext()
+        with sync:
+            with s.autocast():
+                loss = loss_of(s.kind, model, x, y) / local
+            loss.backward()
+        loss_sum += loss.detach().float()
+    if ddp:
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= s.world
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    _sync(s.device)
+    t1 = time.perf_counter()
+    opt.step()
+    _sync(s.device)
+    t2 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    return {
+        "step": step + 1,
+        "loss": loss_sum.item(),
+        "lr": lr,
+        "grad_norm": grad_norm.item(),
+        f"{s.unit}_per_s": s.items_per_step() / dt,
+        "step_time": dt,
+        "optimizer_time": t2 - t1,
+    }
+
+
+@torch.no_grad()
+def evaluate(s: Setup, model: nn.Module) -> dict[str, float]:
+    model = getattr(model, "module", model)
+    was_training = model.training
+    model.eval()
+    losses, correct, count = [], 0, 0
+    if s.kind == "text":
+        batches = (s.data.val_batch(i, s.cfg.batch_size, s.context) for i in range(max(s.cfg.eval_batches, 1)))
+    else:
+        batches = s.data.val_batches(s.cfg.batch_size, s.cfg.eval_batches)
+    for x, y in batches:
+        x, y = x.to(s.device), y.to(s.device)
+        with s.autocast():
+            if s.kind == "text":
+                losses.append(model(x, y)[1].item() * len(x))
+            else:
+                logits = model(x).float()
+                losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+                correct += int((logits.argmax(-1) == y).sum())
+        count += len(x)
+    model.train(was_training)
+    out = {"val_loss": sum(losses) / max(count, 1)}
+    if s.kind == "image":
+        out["val_acc"] = correct / max(count, 1)
+    return out
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+def checkpoint_state(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "model_name": s.cfg.model,
+        "model_config": asdict(s.model_cfg),
+        "model": getattr(model, "module", model).state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": asdict(s.cfg),
+        "data_fingerprint": s.data.fingerprint,
+    }
+
+
+def load_checkpoint(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TrainerError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file or a foreign pickle: say which, not a traceback
+        raise TrainerError(
+            f"cannot read checkpoint {path!r}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TrainerError(f"{path!r} is not a rotkern trainer checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def restore(s: Setup, ckpt: dict, path: str, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load model and optimizer state; a checkpoint from another model or optimizer is a TrainerError."""
+    if ckpt["model_name"] != s.cfg.model or ckpt["model_config"] != asdict(s.model_cfg):
+        diff = {
+            k: (v, asdict(s.model_cfg).get(k))
+            for k, v in ckpt["model_config"].items()
+            if asdict(s.model_cfg).get(k) != v
+        }
+        raise TrainerError(
+            f"checkpoint {path!r} holds model {ckpt['model_name']!r} but this run builds {s.cfg.model!r}"
+            + (f" (checkpoint vs run: {diff})" if diff else "")
+        )
+    saved_opt = ckpt["config"]["optimizer"]
+    rotated = {"rotated-eager", "rotated-fused"}
+    if saved_opt != s.cfg.optimizer and not {saved_opt, s.cfg.optimizer} <= rotated:
+        raise TrainerError(
+            f"checkpoint {path!r} was saved with --optimizer={saved_opt}, this run uses {s.cfg.optimizer}"
+        )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise TrainerError(f"checkpoint {path!r} does not fit the model: {str(e).splitlines()[0]}") from None
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise TrainerError(f"cannot resume from {path!r}: {e}") from None
+    if ckpt.get("data_fingerprint") != s.data.fingerprint:
+        print(
+            f"warning: {path} was trained on other data (fingerprint {ckpt.get('data_fingerprint')} != "
+            f"{s.data.fingerprint})"
+        )
+    return int(ckpt["step"])
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) one training run. Returns the per-step records, the eval records, the final record,
+    the trained (unwrapped) model and the paths written."""
+    rank, world, local_rank = _dist_env()
+    ddp = world > 1
+    if ddp and not torch.distributed.is_initialized():
+        device = resolve_device(cfg.device, local_rank)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, rank, world, local_rank, on_step)
+    finally:
+        if ddp and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) -> dict:
+    s = make_setup(cfg, rank, world, local_rank)
+    main = rank == 0
+    # out_dir="" writes nothing (no log, no checkpoint) unless resuming, which saves over the resumed file.
+    log_path = Path(cfg.out_dir) / "log.jsonl" if cfg.out_dir else None
+    ckpt_path = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / "ckpt.pt" if cfg.out_dir else None
+    save = cfg.save and ckpt_path is not None
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    if ckpt is None and save and ckpt_path.exists():
+        raise TrainerError(
+            f"{ckpt_path} already exists; pass --resume={ckpt_path} to continue it or pick another out_dir"
+        )
+    model = s.build_model()
+    opt = make_optimizer(cfg, model)
+    start = restore(s, ckpt, cfg.resume, model, opt) if ckpt is not None else 0
+    stop = cfg.stop_step or cfg.steps
+    if start > stop:
+        raise TrainerError(f"checkpoint {cfg.resume!r} is at step {start}, past the stop step {stop}")
+    log = JsonlLog(log_path if main else None, append=ckpt is not None)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.write(
+        header(
+            cfg,
+            s.device,
+            backend=optimizer_backend(opt),
+            world_size=world,
+            start_step=start,
+            resumed_from=cfg.resume or None,
+            data=s.data.description,
+            data_fingerprint=s.data.fingerprint,
+            model={"name": cfg.model, "params": n_params, **asdict(s.model_cfg)},
+        )
+    )
+    if main and cfg.print_every:
+        print(f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {s.data.description}")
+        print(
+            f"       {cfg.optimizer} rotation={cfg.rotation} block={cfg.block_size} seed={cfg.seed} "
+            f"device={s.device} world={world} steps {start}->{stop} of {cfg.steps}; log {log_path}"
+        )
+    net = model
+    if world > 1:
+        ids = [s.device.index] if s.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    records, evals = [], []
+    t_start = time.perf_counter()
+    try:
+        for step in range(start, stop):
+            rec = train_step(s, net, opt, step)
+            if step == start:
+                rec["backend"] = optimizer_backend(opt)
+            if not math.isfinite(rec["loss"]):
+                raise TrainerError(f"loss is {rec['loss']} at step {rec['step']}; lower --lr or enable --grad_clip")
+            records.append(rec)
+            log.write({"type": "step", **rec})
+            done = rec["step"]
+            if main and ((cfg.eval_every and done % cfg.eval_every == 0) or done == stop):
+                ev = {"type": "eval", "step": done, **evaluate(s, model)}
+                evals.append(ev)
+                log.write(ev)
+            if on_step is not None:
+                on_step({**rec, **(evals[-1] if evals and evals[-1]["step"] == done else {})})
+            if main and cfg.print_every and (done % cfg.print_every == 0 or done == stop):
+                extra = (
+                    "".join(f" | {k} {v:.4f}" for k, v in evals[-1].items() if k.startswith("val"))
+                    if evals and evals[-1]["step"] == done
+                    else ""
+                )
+                print(
+                    f"step {done:6d}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                    f"grad {rec['grad_norm']:.3f} | {rec['step_time'] * 1e3:7.1f} ms "
+                    f"(opt {rec['optimizer_time'] * 1e3:.1f}){extra}"
+                )
+            if main and save and cfg.save_every and done % cfg.save_every == 0 and done != stop:
+                atomic_save(checkpoint_state(s, model, opt, done), ckpt_path)
+        final: dict[str, Any] = {
+            "type": "final",
+            "step": stop,
+            "backend": optimizer_backend(opt),
+            "wall_time": time.perf_counter() - t_start,
+        }
+        if records:
+            final["loss"] = records[-1]["loss"]
+        if evals:
+            final.update({k: v for k, v in evals[-1].items() if k.startswith("val")})
+        if world > 1:
+            final["ddp_max_param_diff"] = _rank_param_diff(model)
+        if main and save:
+            atomic_save(checkpoint_state(s, model, opt, stop), ckpt_path)
+            final["checkpoint"] = str(ckpt_path)
+        log.write(final)
+    finally:
+        log.close()
+    return {
+        "records": records,
+        "evals": evals,
+        "final": final,
+        "model": model,
+        "optimizer": opt,
+        "log": str(log_path) if log_path else None,
+        "checkpoint": str(ckpt_path) if save else None,
+    }
+
+
+@torch.no_grad()
+def _rank_param_diff(model: nn.Module) -> float:
+    """max |p - p_rank0| over all parameters and ranks (0 when the ranks agree exactly)."""
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    ref = flat.clone()
+    torch.distributed.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+    return diff.item()

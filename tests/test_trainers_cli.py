@@ -1,0 +1,73 @@
+"""Bad input gives one `error: ...` line and exit status 2, and overwrites nothing."""
+
+import numpy as np
+import pytest
+
+from rotkern.trainers.__main__ import main
+
+TINY = ["--steps=2", "--batch_size=2", "--context=16", "--print_every=0", "--eval_batches=1", "--block_size=64"]
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_train_cli_runs_and_refuses_to_overwrite(tmp_path, capsys):
+    assert main(["train", *TINY, "--print_every=1", f"--out_dir={tmp_path}"]) == 0
+    assert "step      2/2" in capsys.readouterr().out
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    assert "already exists" in _error(capsys, ["train", *TINY, f"--out_dir={tmp_path}"])
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_missing_data_path(tmp_path, capsys):
+    assert "does not exist" in _error(capsys, ["train", *TINY, f"--data={tmp_path}/nope", f"--out_dir={tmp_path}/o"])
+
+
+def test_empty_file(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert "is empty" in _error(capsys, ["train", *TINY, f"--data={tmp_path}/empty.txt", f"--out_dir={tmp_path}/o"])
+
+
+def test_token_ids_beyond_the_vocabulary(tmp_path, capsys):
+    np.full(500, 300, np.uint16).tofile(tmp_path / "train.bin")
+    np.full(100, 300, np.uint16).tofile(tmp_path / "val.bin")
+    msg = _error(capsys, ["train", *TINY, f"--data={tmp_path}", f"--out_dir={tmp_path}/o"])
+    assert "token id 300 is beyond the model's vocabulary (256)" in msg
+
+
+def test_unreadable_image(tmp_path, capsys):
+    pil = pytest.importorskip("PIL.Image", reason="reading image folders needs Pillow")
+    (tmp_path / "a").mkdir()
+    pil.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "ok.png")
+    (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    msg = _error(capsys, ["train", "--preset=resnet-tiny", *TINY[:2], f"--data={tmp_path}", f"--out_dir={tmp_path}/o"])
+    assert "bad.jpg" in msg
+
+
+def test_checkpoint_from_another_scope_or_model(tmp_path, capsys):
+    assert main(["train", *TINY, "--rotation=global", f"--out_dir={tmp_path}/a"]) == 0
+    ckpt = tmp_path / "a" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    msg = _error(
+        capsys, ["train", *TINY, "--steps=4", "--rotation=input", f"--resume={ckpt}", f"--out_dir={tmp_path}/b"]
+    )
+    assert "rotation is 'global' in the checkpoint but 'input'" in msg
+    msg = _error(capsys, ["train", "--preset=vit-tiny", "--steps=4", f"--resume={ckpt}", f"--out_dir={tmp_path}/c"])
+    assert "holds model 'gpt-tiny'" in msg
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert "cannot read checkpoint" in _error(capsys, ["train", *TINY, f"--resume={tmp_path}/junk.pt"])
+    assert ckpt.read_bytes() == before
+
+
+def test_bad_options(capsys):
+    assert "unknown preset" in _error(capsys, ["train", "--preset=huge"])
+    assert "--rotation='diagonal' is not one of" in _error(capsys, ["train", "--rotation=diagonal"])
+    assert "--scopes" in _error(capsys, ["compare", "--scopes=none,sideways"])
+
+
+def test_quadratic_still_runs(tmp_path):
+    assert main(["quadratic", "--steps=5", "--dim=4", "--plot=false", f"--out_dir={tmp_path}"]) == 0
