@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: run test lint test-cpu test-interpret test-gpu bench clean
+.PHONY: run quadratic test lint test-cpu test-interpret test-gpu bench clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -16,7 +16,21 @@ $(BIN)/.installed: pyproject.toml setup.py
 	ROTKERN_SKIP_CUDA_BUILD=1 $(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+# The main job: the paper's Figure 1 in miniature (gpt-tiny on the embedded stdlib text, every scope), then
+# fused-vs-eager validation. On a machine without CUDA the fused side runs its Triton kernels through the
+# interpreter (slow, so fewer steps); with CUDA, on the GPU. Each run gets a new folder: nothing is overwritten.
+RUN_DIR ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
 run: $(BIN)/.installed
+	$(BIN)/python -m rotkern.trainers compare --preset=tiny --out_dir=$(RUN_DIR)
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(BIN)/python -m rotkern.trainers validate --preset=tiny --steps=20 --backend=triton --out_dir=$(RUN_DIR)/validate; \
+	else \
+	  TRITON_INTERPRET=1 $(BIN)/python -m rotkern.trainers validate --preset=tiny --steps=3 --backend=triton \
+	    --block_size=64 --batch_size=4 --print_every=0 --out_dir=$(RUN_DIR)/validate; \
+	fi
+
+# Figure 4 in miniature: Adam, rotated Adam and SGD-M on an ill-conditioned quadratic, aligned and rotated.
+quadratic: $(BIN)/.installed
 	$(BIN)/python -m rotkern.trainers quadratic
 
 lint: $(BIN)/.installed

@@ -1,10 +1,11 @@
 """rotkern: AdamW in a rotated parameter space, fast and exactly.
 
-Public API: :class:`RotatedAdamW` (eager fp32 reference), :class:`RotatedSGD`, the rotation and scope
-building blocks, and :func:`param_groups_for` to annotate a model's parameters for the scopes.
+Public API: :class:`RotatedAdamW` (eager fp32 reference), :class:`FusedRotatedAdamW` (the same step as
+fused Triton kernels), :class:`RotatedSGD`, the rotation and scope building blocks, and
+:func:`param_groups_for` to annotate a model's parameters for the scopes.
 """
 
-from .optim import RotatedAdamW, RotatedSGD
+from .optim import FusedRotatedAdamW, RotatedAdamW, RotatedSGD
 from .rotations import MAX_BLOCK_SIZE, BlockRotation, Stream, haar_orthogonal, random_permutation
 from .scopes import SCOPES, Unit, build_units, param_groups_for
 
@@ -14,6 +15,7 @@ __all__ = [
     "MAX_BLOCK_SIZE",
     "SCOPES",
     "BlockRotation",
+    "FusedRotatedAdamW",
     "RotatedAdamW",
     "RotatedSGD",
     "Stream",

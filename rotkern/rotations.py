@@ -178,16 +178,23 @@ class BlockRotation:
             return None
         return _haar_cached(self.residual, self.seed, dtype, str(torch.device(device)))
 
-    def permutation(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """pi as int64 (L,) with ``(pi x)[i] = x[pi[i]]``, or None for no permutation."""
+    def permutation(self, device: torch.device | str = "cpu", *, cache: bool = True) -> torch.Tensor | None:
+        """pi as int64 (L,) with ``(pi x)[i] = x[pi[i]]``, or None for no permutation.
+
+        ``cache=False`` builds a fresh tensor and keeps no copy (for callers that store pi their own way,
+        e.g. the fused kernels' int32 tables; a d-long int64 copy would cost 8 bytes per parameter).
+        """
         if self.perm_stream is None:
             return None
-        return self._get(
-            ("perm", str(device)),
-            lambda: random_permutation(
-                self.length, Stream(self.seed, "perm", self.length, *self.perm_stream), device=device
-            ),
-        )
+        key = ("perm", str(device))
+
+        def build() -> torch.Tensor:
+            stream = Stream(self.seed, "perm", self.length, *self.perm_stream)
+            return random_permutation(self.length, stream, device=device)
+
+        if not cache and key not in self._cache:
+            return build()
+        return self._get(key, build)
 
     def inverse_permutation(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         perm = self.permutation(device)

@@ -1,4 +1,4 @@
-"""Shared bits of the trainer tests: fast configs and a stand-in FusedRotatedAdamW for machines without one."""
+"""Shared bits of the trainer tests: fast configs and a deliberately broken fused optimizer."""
 
 from __future__ import annotations
 
@@ -19,16 +19,7 @@ def fast_config(tmp_path, preset: str = "tiny", **overrides) -> TrainConfig:
     return TrainConfig(**{**PRESETS[preset], **FAST, **extra, "out_dir": str(tmp_path), **overrides})
 
 
-class StubFused(rotkern.RotatedAdamW):
-    """The eager optimizer under FusedRotatedAdamW's constructor, for validate's plumbing when issue 3 is absent."""
-
-    backend_used = "eager (test stub)"
-
-    def __init__(self, *args, precision: str = "tf32x3", backend: str = "auto", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-
-
-class BrokenFused(StubFused):
+class BrokenFused(rotkern.FusedRotatedAdamW):
     """Nudges every parameter after each step: validate must notice."""
 
     @torch.no_grad()

@@ -162,10 +162,15 @@ class RotatedOptimizerBase(Optimizer):
             active.append(unit)
         return active, filled
 
+    def _step_device(self, p: torch.Tensor) -> torch.device:
+        """Where ``state["step"]`` of ``p`` lives: the CPU here; fused subclasses keep it on ``p``'s device
+        so that kernels read it without a host sync. Checkpoints load onto this device either way."""
+        return torch.device("cpu")
+
     def _init_state(self, p: torch.Tensor, extra_keys: tuple[str, ...] = ()) -> dict:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(p))
         for key in self._moment_keys + extra_keys:
             if key not in state:
                 state[key] = torch.zeros(p.shape, dtype=self.compute_dtype, device=p.device)
@@ -238,7 +243,7 @@ class RotatedOptimizerBase(Optimizer):
                 if not torch.is_tensor(val):
                     new[key] = val
                 elif key == "step":
-                    new[key] = val.detach().clone().to(dtype=torch.float32, device="cpu")
+                    new[key] = val.detach().clone().to(dtype=torch.float32, device=self._step_device(p))
                 else:
                     if tuple(val.shape) != tuple(p.shape):
                         raise ValueError(

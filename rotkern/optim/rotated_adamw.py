@@ -105,7 +105,7 @@ class RotatedAdamW(RotatedOptimizerBase):
                 [s and s.get("max_exp_avg_sq") for s in states] if group["amsgrad"] else None,
                 [s and s["step"] for s in states],
                 units,
-                lr=_scalar(group["lr"]),
+                lr=group["lr"],
                 beta1=_scalar(beta1),
                 beta2=_scalar(beta2),
                 eps=group["eps"],
@@ -116,9 +116,12 @@ class RotatedAdamW(RotatedOptimizerBase):
             )
         return loss
 
-    def _rotated_adamw(self, group: dict, *args, **kwargs) -> None:
-        """The functional step; subclasses swap in a fused implementation with this signature."""
-        rotated_adamw_ref(*args, **kwargs)
+    def _rotated_adamw(self, group: dict, *args, lr: float | torch.Tensor, **kwargs) -> None:
+        """The functional step; subclasses swap in a fused implementation with this signature.
+
+        ``lr`` is the group's as given (a tensor lr stays a tensor, so fused steps can read it on the device).
+        """
+        rotated_adamw_ref(*args, lr=_scalar(lr), **kwargs)
 
 
 def _scalar(x: float | torch.Tensor) -> float:

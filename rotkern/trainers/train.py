@@ -277,7 +277,9 @@ def fused_class():
     return cls
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module, optimizer: str | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: TrainConfig, model: nn.Module, optimizer: str | None = None, compute_dtype: torch.dtype = torch.float32
+) -> torch.optim.Optimizer:
     name = optimizer or cfg.optimizer
     groups = param_groups(dataclasses.replace(cfg, optimizer=name), model)
     betas = (cfg.beta1, cfg.beta2)
@@ -289,7 +291,15 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, optimizer: str | None = N
     if name == "rotated-eager":
         from ..optim import RotatedAdamW
 
-        return RotatedAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **rot)
+        return RotatedAdamW(
+            groups,
+            lr=cfg.lr,
+            betas=betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            compute_dtype=compute_dtype,
+            **rot,
+        )
     cls = fused_class()
     try:
         return cls(
@@ -307,26 +317,14 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, optimizer: str | None = N
 
 
 def optimizer_backend(opt: torch.optim.Optimizer) -> str:
-    """What actually runs the optimizer step, as far as the optimizer says."""
+    """What actually ran the last optimizer step."""
     name = type(opt).__name__
     if isinstance(opt, (torch.optim.AdamW, torch.optim.SGD)):
         return f"torch.optim.{name}"
     if name == "RotatedAdamW":
         return "eager (rotkern.kernels.reference.rotated_adamw_ref)"
-    for attr in ("backend_used", "active_backend", "resolved_backend", "last_backend", "backend"):
-        val = getattr(opt, attr, None)
-        if callable(val):
-            with contextlib.suppress(Exception):
-                val = val()
-        if isinstance(val, str) and val and val != "auto":
-            return f"{name}: {val}"
-    try:  # the optimizer does not say: ask the backend selector what it would pick for these params
-        from .._backend import resolve_backend
-
-        requested = opt.param_groups[0].get("backend", opt.defaults.get("backend", "auto"))
-        return f"{name}: {resolve_backend(requested, opt.param_groups[0]['params'][0])} (resolved by rotkern._backend)"
-    except Exception:
-        return f"{name}: backend not reported"
+    used = getattr(opt, "backend_used", None)  # FusedRotatedAdamW: "triton" or "eager", after a step
+    return f"{name}: {used or 'no step taken yet'}"
 
 
 # -- steps ---------------------------------------------------------------------------------------------
@@ -355,6 +353,8 @@ def train_step(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, step: int
     loss_sum = torch.zeros((), device=s.device)
     for micro in range(local):
         x, y = s.batch(step, micro)
+        if x.is_floating_point():  # a float64 model (validate's reference side) takes float64 images
+            x = x.to(next(model.parameters()).dtype)
         sync = model.no_sync() if ddp and micro < local - 1 else contextlib.nullcontext()
         with sync:
             with s.autocast():

@@ -1,0 +1,343 @@
+"""Host-side plan of the Triton rotated AdamW step: the per-(units, device, dtypes) metadata, built once.
+
+Everything here is invariant across steps and cached; only the pointer table (grads move between steps),
+lr and the hyperparameters are uploaded per call (see :mod:`rotkern.kernels.rotated_adamw_step`).
+
+Tables (int64 unless noted), as the kernels read them:
+
+- rows (block-rows, ROW_FIELDS): one per rotated block of one unit vector: ``rbase`` and ``es`` (the
+  vector's coordinate j sits at virtual position ``rbase + es * j``), ``q0`` (the block's first j), the
+  segment ranges searched for gathered and for moment positions, the offset of the unit's permutation in
+  ``perm`` (-1: none) and the param whose step counts for the unit.
+- segments (SEG_FIELDS): ``key`` (first virtual position), ``delta`` (flat offset in the param minus
+  virtual position), ``param`` (index), ``decays`` (0/1). A single-tensor unit has one segment and
+  virtual position = flat offset; a global unit has one segment per member, keyed by its offset in the
+  concatenation.
+- perm: every permuted unit's pi, concatenated (int32 while lengths fit).
+- rot: every distinct R (one per block size, shared by all units of a seed), fp32 row-major, row stride
+  padded to a multiple of 16 so the kernels may assume aligned rows.
+- tiles (per launch, TILE_FIELDS): runs of equal-size block-rows, at most BLOCK_M each, with their R and
+  workspace offsets. chunks (identity launch, CHUNK_FIELDS): param, start, stop, decay.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .._backend import interpret_mode
+from ..scopes import Unit
+
+TILE_FIELDS = 6  # first row, rows, block size nb, offset of R, row stride of R, workspace offset
+ROW_FIELDS = 9  # rbase, q0, es, gather segs [lo, hi), moment segs [lo, hi), pi offset (-1: none), step param
+SEG_FIELDS = 4  # first virtual position, flat offset in the param minus virtual position, param, decays (0/1)
+CHUNK_FIELDS = 4  # param, start, stop, decay (0/1)
+ID_BLOCK = 1024  # elements per program of the element-wise kernel
+
+
+@dataclass
+class Launch:
+    rotated: bool
+    table: torch.Tensor  # tiles (rotated) or chunks (identity)
+    grid: int
+    p_dtype: torch.dtype
+    g_dtype: torch.dtype
+    meta: dict  # constexprs
+    num_warps: int
+    num_stages: int
+
+
+@dataclass
+class Plan:
+    launches: list[Launch]
+    touched: list[int]  # params the call steps
+    wide: bool  # some position reaches 2^31: index math in int64
+    identity_params: list[int]  # params of identity units (alignment is checked per call)
+    rows: torch.Tensor
+    segments: torch.Tensor  # (segments, SEG_FIELDS)
+    perm: torch.Tensor
+    rot: torch.Tensor
+    ws_numel: int
+
+    @property
+    def metadata_bytes(self) -> int:
+        ts = [self.rows, self.segments, self.perm, self.rot]
+        return sum(t.numel() * t.element_size() for t in ts + [x.table for x in self.launches])
+
+
+def width_class(nb: int) -> int:
+    """Block-size class of a block: tiles of 16, 32, 64, or 128 (K-looped) columns."""
+    return 16 if nb <= 16 else 32 if nb <= 32 else 64 if nb <= 64 else 128
+
+
+def tile_config(width: int) -> tuple[dict, int, int]:
+    """(BLOCK_M/N/K, num_warps, num_stages) of a block-size class.
+
+    Chosen so that ptxas (sm_90a, Triton 3.9) reports no register spills; not yet timed on a GPU. For the
+    largest class, ``ROTKERN_TILE_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,num_warps=8,num_stages=2"``
+    overrides the choice (benchmarking aid). Under the interpreter, cost is per op rather than per
+    element, so programs are large; BLOCK_N/K stay at 32 so that CPU tests run the K loops more than once
+    and with ragged last tiles.
+    """
+    if interpret_mode():
+        return dict(BLOCK_M=256, BLOCK_N=min(width, 32), BLOCK_K=min(width, 32)), 4, 1
+    if width <= 32:
+        return dict(BLOCK_M=64, BLOCK_N=width, BLOCK_K=width), 4, 2
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)
+    override = os.environ.get("ROTKERN_TILE_CONFIG")
+    if width > 64 and override:
+        for item in override.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in cfg:
+                raise ValueError(f"ROTKERN_TILE_CONFIG: unknown key {key!r}; expected {', '.join(cfg)}")
+            cfg[key.strip()] = int(value)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    return cfg, warps, stages
+
+
+def _search_steps(span: int) -> int:
+    return math.ceil(math.log2(span)) if span > 1 else 0
+
+
+def build_plan(
+    units: Sequence[Unit],
+    p_dtypes: Sequence[torch.dtype | None],
+    g_dtypes: Sequence[torch.dtype | None],
+    decay_mask: Sequence[bool] | None,
+    device: torch.device,
+) -> Plan:
+    """Tables and launches for one call's units (see the module docstring)."""
+
+    def decays(i: int) -> int:
+        return 1 if decay_mask is None or decay_mask[i] else 0
+
+    touched = list(dict.fromkeys(i for u in units for i in u.params))
+    segs: list[tuple[int, int, int, int]] = []  # key, delta, param, decays
+    perms: list[torch.Tensor] = []
+    perm_len = 0
+    rots: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}  # (seed, nb) -> (offset, stride, R)
+    rot_len = 0
+    parts = []  # per rotated unit: rows, block sizes, R offsets, R strides, dtype pair, staged, segment span
+    chunks: dict[tuple, list[np.ndarray]] = {}
+    identity_params = []
+
+    for u in units:
+        dkey = _dtype_key(u, p_dtypes, g_dtypes)
+        if u.rotation is None:
+            s = u.segments[0]
+            starts = np.arange(s.start, s.stop, ID_BLOCK, dtype=np.int64)
+            c = np.stack(
+                [
+                    np.full_like(starts, s.param),
+                    starts,
+                    np.full_like(starts, s.stop),
+                    np.full_like(starts, decays(s.param)),
+                ],
+                axis=1,
+            )
+            chunks.setdefault(dkey, []).append(c)
+            identity_params.append(s.param)
+            continue
+        rot = u.rotation
+        num_vectors, length = u.shape
+        glo = len(segs)
+        multi = len(u.segments) > 1
+        if multi:
+            cum = np.cumsum([0] + [s.numel for s in u.segments])[:-1]
+            for s, key in zip(u.segments, cum, strict=True):
+                segs.append((int(key), s.start - int(key), s.param, decays(s.param)))
+            rbase, es = np.zeros(1, np.int64), 1
+        else:
+            s = u.segments[0]
+            segs.append((0, 0, s.param, decays(s.param)))
+            if u.layout == "rows":
+                rbase, es = s.start + np.arange(num_vectors, dtype=np.int64) * u.width, 1
+            elif u.layout == "cols":
+                rbase, es = s.start + np.arange(num_vectors, dtype=np.int64), u.width
+            else:
+                rbase, es = np.array([s.start], np.int64), 1
+        ghi = len(segs)
+        perm = rot.permutation(device, cache=False)
+        poff = -1
+        if perm is not None:
+            poff = perm_len
+            perms.append(perm.to(torch.int32) if length < 2**31 else perm)
+            perm_len += length
+        n = rot.block_size
+        q0 = np.arange(rot.num_blocks, dtype=np.int64) * n
+        nbs = np.full(rot.num_blocks, n, np.int64)
+        if rot.residual:
+            q0 = np.r_[q0, rot.num_blocks * n]
+            nbs = np.r_[nbs, rot.residual]
+        for nb in np.unique(nbs).tolist():
+            if (rot.seed, nb) not in rots:
+                r = rot.block() if nb == n else rot.residual_block()
+                stride = -(-nb // 16) * 16
+                rots[(rot.seed, nb)] = (rot_len, stride, r)
+                rot_len += stride * nb
+        if multi:
+            mlo = glo + np.searchsorted(cum, q0, side="right") - 1
+            mhi = glo + np.searchsorted(cum, q0 + nbs - 1, side="right")
+        else:
+            mlo, mhi = np.full_like(q0, glo), np.full_like(q0, ghi)
+        rows = np.empty((len(rbase), len(q0), ROW_FIELDS), np.int64)
+        rows[..., 0] = rbase[:, None]
+        rows[..., 1] = q0
+        rows[..., 2] = es
+        rows[..., 3] = glo
+        rows[..., 4] = ghi
+        rows[..., 5] = mlo
+        rows[..., 6] = mhi
+        rows[..., 7] = poff
+        rows[..., 8] = u.params[0]
+        reps = len(rbase)
+        offs = np.array([rots[(rot.seed, nb)][0] for nb in nbs.tolist()], np.int64)
+        strides = np.array([rots[(rot.seed, nb)][1] for nb in nbs.tolist()], np.int64)
+        # Gathers through pi, strided columns and multi-tensor units go through the workspace first.
+        staged = poff >= 0 or es != 1 or multi
+        parts.append(
+            (
+                rows.reshape(-1, ROW_FIELDS),
+                np.tile(nbs, reps),
+                np.tile(offs, reps),
+                np.tile(strides, reps),
+                dkey,
+                staged,
+                ghi - glo,
+            )
+        )
+
+    # Rotated block-rows: classes (dtypes, staged, width, aligned) -> one launch each; sorted by block size
+    # and tiled. Aligned classes (block sizes multiples of 16) come first, so their workspace offsets are too.
+    classes: dict[tuple, list[int]] = {}
+    for idx, part in enumerate(parts):
+        for cls in sorted({(width_class(nb), nb % 16 == 0) for nb in part[1].tolist()}):
+            classes.setdefault((part[4], part[5], *cls), []).append(idx)
+    launches: list[Launch] = []
+    all_rows = []
+    n_rows = ws_numel = 0
+    for (dkey, staged, width, aligned), members in sorted(classes.items(), key=lambda kv: not kv[0][3]):
+        meta, warps, stages = tile_config(width)
+        bm = meta["BLOCK_M"]
+        sel = []
+        for idx in members:
+            rows, nbs, offs, strides = parts[idx][:4]
+            keep = np.array([(width_class(nb), nb % 16 == 0) == (width, aligned) for nb in nbs.tolist()])
+            sel.append((rows[keep], nbs[keep], offs[keep], strides[keep]))
+        rows, nbs, offs, strides = (np.concatenate([s[k] for s in sel]) for k in range(4))
+        order = np.argsort(nbs, kind="stable")
+        rows, nbs, offs, strides = rows[order], nbs[order], offs[order], strides[order]
+        bounds = np.flatnonzero(np.diff(nbs)) + 1
+        tiles = []
+        for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(nbs)].tolist(), strict=True):
+            nb = int(nbs[lo])
+            for t0 in range(lo, hi, bm):
+                cnt = min(bm, hi - t0)
+                tiles.append((n_rows + t0, cnt, nb, int(offs[t0]), int(strides[t0]), ws_numel))
+                ws_numel += cnt * nb
+        meta = dict(
+            meta,
+            STAGED=staged,
+            ALIGNED=aligned,
+            GATHER_STEPS=_search_steps(max(parts[idx][6] for idx in members)),
+            MOMENT_STEPS=_search_steps(int((rows[:, 6] - rows[:, 5]).max())),
+        )
+        table = torch.tensor(tiles, dtype=torch.int64).to(device)
+        launches.append(Launch(True, table, len(tiles), dkey[0], dkey[1], meta, warps, stages))
+        all_rows.append(rows)
+        n_rows += len(rows)
+    for (pdt, gdt), cs in chunks.items():
+        table = torch.from_numpy(np.concatenate(cs)).to(device)
+        launches.append(Launch(False, table, len(table), pdt, gdt, dict(BLOCK=ID_BLOCK), 4, 1))
+
+    rot_table = np.zeros(max(rot_len, 1), np.float32)
+    for off, stride, r in rots.values():
+        nb = r.shape[0]
+        rot_table[off : off + stride * nb].reshape(nb, stride)[:, :nb] = r.cpu().numpy()
+
+    def upload(values) -> torch.Tensor:
+        # Empty tables still get one row: kernels take a valid base pointer and never read it.
+        values = np.asarray(values, dtype=np.int64) if len(values) else np.zeros(1, np.int64)
+        return torch.from_numpy(values).to(device)
+
+    # int32 index math unless some flat offset, unit position or permutation-table offset reaches 2^31.
+    largest = max([s.stop for u in units for s in u.segments] + [u.shape[1] for u in units] + [perm_len])
+    return Plan(
+        launches=launches,
+        wide=largest >= 2**31,
+        touched=touched,
+        identity_params=identity_params,
+        rows=upload(np.concatenate(all_rows) if all_rows else []),
+        segments=upload(segs),
+        perm=torch.cat(perms) if perms else torch.zeros(1, dtype=torch.int32, device=device),
+        rot=torch.from_numpy(rot_table).to(device),
+        ws_numel=ws_numel,
+    )
+
+
+def _dtype_key(u: Unit, p_dtypes, g_dtypes) -> tuple[torch.dtype, torch.dtype]:
+    keys = {(p_dtypes[i], g_dtypes[i]) for i in u.params}
+    if len(keys) > 1:
+        raise ValueError(
+            f"a {u.layout} rotation unit spans parameters of several (param, grad) dtypes "
+            f"{sorted(map(str, keys))}; the Triton step needs one dtype pair per unit: put them in separate "
+            "param groups or use backend='eager'"
+        )
+    return keys.pop()
+
+
+class PlanCache(OrderedDict):
+    """A small LRU of plans. Optimizers keep their own (sized to their param groups), so plans live exactly
+    as long as the optimizer; the functional op otherwise shares the module-level one."""
+
+    def __init__(self, maxsize: int = 8) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+
+_PLANS = PlanCache()  # a global plan holds a d-long int32 permutation: keep few
+
+
+def get_plan(
+    units: Sequence[Unit],
+    params: Sequence[torch.Tensor | None],
+    grads: Sequence[torch.Tensor | None],
+    decay_mask: Sequence[bool] | None,
+    device: torch.device,
+    cache: PlanCache | None = None,
+) -> Plan:
+    """The cached plan for these units (units compare by value, their rotations by identity)."""
+    cache = _PLANS if cache is None else cache
+    p_dtypes = tuple(None if p is None else p.dtype for p in params)
+    g_dtypes = tuple(None if g is None else g.dtype for g in grads)
+    mask = None if decay_mask is None else tuple(bool(x) for x in decay_mask)
+    key = (
+        tuple(units),
+        len(params),
+        device,
+        p_dtypes,
+        g_dtypes,
+        mask,
+        interpret_mode(),
+        os.environ.get("ROTKERN_TILE_CONFIG"),
+    )
+    plan = cache.get(key)
+    if plan is None:
+        plan = build_plan(units, p_dtypes, g_dtypes, decay_mask, device)
+        cache[key] = plan
+        while len(cache) > cache.maxsize:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Drop every plan of the module-level cache (and the device tables it holds)."""
+    _PLANS.clear()

@@ -1,0 +1,669 @@
+"""Triton rotated AdamW step: the same op as :func:`rotkern.kernels.reference.rotated_adamw_ref`, fused.
+
+Per unit vector x (a row of the unit's (num_vectors, L) view), per block of n coordinates [SPEC 1]:
+
+    g~  = R (pi g)[block]                 gather through pi, rotate with tl.dot (row form g R^T)
+    m   = lerp(m, g~, 1 - b1)              moments stored in the rotated layout
+    v   = b2 v + (1 - b2) g~^2
+    v'  = max(v_max, v) if amsgrad else v
+    u   = m / (sqrt(v') / sqrt(1 - b2^t) + eps)
+    d   = R^T u                            tl.dot against the same row-major R
+    p[pi[block]] = p (1 - lr wd mask) - lr / (1 - b1^t) d      scatter through pi
+
+Every rotated block of every unit of a call is one *block-row* of a batched GEMM against its own R
+(R_n, or the residual R_p of a unit). Block-rows of equal size are packed into tiles of BLOCK_M rows;
+one program runs one tile through all three phases:
+
+    phase 0  (permuted or strided units) gather g into the fp32 workspace, so the K loops re-read it
+             from contiguous, cache-hot memory instead of repeating a random gather per output tile;
+    phase 1  Y = X R^T tile by tile, Adam on Y, store m, v (and max v); unpermuted row units also
+             store u in the workspace;
+    phase 2  Z = U R tile by tile (U read back from the workspace, or recomputed from the stored
+             moments when the workspace holds X), then the decoupled-decay update, scattered.
+
+A barrier separates the phases inside a program (each program only reads back what it wrote itself);
+``single_pass=False`` splits phases 0+1 and 2 into two launches instead. Memory beyond the caller's
+tensors: one fp32 workspace of at most d elements, plus per-step pointer and hyperparameter tables.
+Identity units (rotation none) take a plain element-wise AdamW kernel. Launches per call: one
+host-to-device copy (pointers and hyperparameters), one foreach step increment, one element-wise launch
+and one launch per class of block-rows: block size in 1-16, 17-32, 33-64 or 65-4096; staged or direct;
+block size a multiple of 16 or not; (param, grad) dtypes. GPT-2 at n = 768 needs 1 (global, layer) or 2
+(output, input) rotated launches.
+
+Addressing. A unit's coordinate is a virtual position ``rbase + es * j`` (j in [0, L)); for
+single-tensor units that is the flat offset in the parameter, for a global unit the position in the
+concatenation of its segments, mapped back to (parameter, offset) by a vectorised binary search over the
+segment table. Pointers of params, grads and state are read from a table uploaded every call (grads move
+between steps); everything else is cached per (units, device, dtypes, decay mask). lr and the step are
+read on the device, and the bias corrections computed there in fp64, so nothing syncs with the host and
+nothing recompiles when lr changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import PRECISIONS, why_not_triton
+from ..scopes import Unit
+from . import _rotated_adamw_plan as plan_tables
+from ._rotated_adamw_plan import PlanCache, get_plan
+
+__all__ = ["PRECISIONS", "rotated_adamw_step"]
+
+_HYPER = 5  # float64: lr, beta1, beta2, eps, weight_decay
+# Rows of the per-call pointer table, and the metadata layouts (constexpr: kernels read only those globals).
+_P, _G, _M, _V, _VMAX, _STEP = (tl.constexpr(k) for k in range(6))
+_KINDS = 6
+TILE_FIELDS = tl.constexpr(plan_tables.TILE_FIELDS)
+ROW_FIELDS = tl.constexpr(plan_tables.ROW_FIELDS)
+SEG_FIELDS = tl.constexpr(plan_tables.SEG_FIELDS)
+CHUNK_FIELDS = tl.constexpr(plan_tables.CHUNK_FIELDS)
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+# %% kernels ------------------------------------------------------------------------------------------
+@triton.jit
+def _bias_corrections(lr, beta1, beta2, step):
+    """(lr / (1 - beta1^t), sqrt(1 - beta2^t)) in fp64, rounded to fp32; t: (BLOCK,) fp64 steps.
+
+    Square and multiply over t's bits: accurate to a few fp64 ulp and portable (no fp64 libdevice pow).
+    """
+    k = step.to(tl.int64)
+    p1 = tl.zeros_like(step) + 1.0
+    p2 = tl.zeros_like(step) + 1.0
+    b1 = tl.zeros_like(step) + beta1
+    b2 = tl.zeros_like(step) + beta2
+    while tl.max(k, axis=0) > 0:
+        bit = (k & 1) != 0
+        p1 = tl.where(bit, p1 * b1, p1)
+        p2 = tl.where(bit, p2 * b2, p2)
+        b1 = b1 * b1
+        b2 = b2 * b2
+        k = k >> 1
+    return (lr / (1.0 - p1)).to(tl.float32), tl.sqrt(1.0 - p2).to(tl.float32)
+
+
+@triton.jit
+def _adam_moments(g, m, v, w1, b2, omb2):
+    # torch.lerp's two-sided formula, so exp_avg rounds as torch.optim.AdamW's does.
+    d = g - m
+    m = tl.where(w1 < 0.5, m + w1 * d, g - d * (1.0 - w1))
+    v = v * b2 + omb2 * g * g
+    return m, v
+
+
+@triton.jit
+def _adam_direction(m, vv, bc2_sqrt, eps):
+    # IEEE-rounded sqrt and division, as torch (Triton's defaults are approximate on NVIDIA).
+    denom = tl.math.div_rn(tl.math.sqrt_rn(vv), tl.zeros_like(vv) + bc2_sqrt) + eps
+    return tl.math.div_rn(m, denom)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE rounding to nearest even (for bf16 by hand: the interpreter's cast truncates)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN must not carry into the sign
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _locate(pos, lo, hi, mask, row_mask, seg_ptr, STEPS: tl.constexpr):
+    """(param index, flat offset, segment, mask) of virtual positions pos; [lo, hi) bounds the segment.
+
+    STEPS = ceil(log2(max(hi - lo))) over the launch; 0 for single-tensor units, whose segment is per row.
+    """
+    if STEPS == 0:
+        m = row_mask
+    else:
+        m = mask
+        # Invariant key[lo] <= pos < key[hi]; once hi - lo == 1, mid == lo and nothing moves.
+        for _ in tl.static_range(STEPS):
+            mid = (lo + hi) // 2
+            right = tl.load(seg_ptr + mid * SEG_FIELDS, mask=m, other=0) <= pos
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+    local = pos + tl.load(seg_ptr + lo * SEG_FIELDS + 1, mask=m, other=0).to(pos.dtype)
+    pidx = tl.load(seg_ptr + lo * SEG_FIELDS + 2, mask=m, other=0)
+    return pidx, local, lo, m
+
+
+@triton.jit
+def _ptr(ptr_table, num_params, KIND: tl.constexpr, pidx, offset, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    # Per-tensor pointer tables, as in Triton's grouped-GEMM tutorial: grads move between steps.
+    base = tl.load(ptr_table + KIND * num_params + pidx, mask=mask, other=0).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)  # on the pointer: a hint on the int64 is lost in the cast
+    return base + offset
+
+
+@triton.jit
+def _row(rp, field: tl.constexpr, row_mask, IDX: tl.constexpr):
+    """One field of the tile's block-rows as an (BLOCK_M, 1) column of IDX."""
+    return tl.load(rp + field, mask=row_mask, other=0).to(IDX)[:, None]
+
+
+@triton.jit
+def _gather_ptr(
+    ptr_table,
+    num_params,
+    KIND: tl.constexpr,
+    rp,
+    row_mask,
+    q,
+    mask,
+    perm_ptr,
+    seg_ptr,
+    DTYPE: tl.constexpr,
+    IDX: tl.constexpr,
+    STEPS: tl.constexpr,
+):
+    """Pointers to the coordinates pi[q] of the rows' vectors (gather of g, scatter of p)."""
+    rm = row_mask[:, None]
+    poff = _row(rp, 7, row_mask, IDX)
+    has_perm = poff >= 0
+    pi = tl.load(perm_ptr + poff + q, mask=mask & has_perm, other=0).to(IDX)
+    pi = tl.where(has_perm, pi, q)
+    pos = _row(rp, 0, row_mask, IDX) + _row(rp, 2, row_mask, IDX) * pi
+    pidx, local, seg, lm = _locate(
+        pos,
+        _row(rp, 3, row_mask, IDX),
+        _row(rp, 4, row_mask, IDX),
+        mask,
+        rm,
+        seg_ptr,
+        STEPS,
+    )
+    return _ptr(ptr_table, num_params, KIND, pidx, local, lm, DTYPE, False), seg, lm
+
+
+@triton.jit
+def _moment_loc(rp, row_mask, a, mask, seg_ptr, IDX: tl.constexpr, STEPS: tl.constexpr):
+    """(param, offset, mask) of the rotated coordinates q0 + a of the rows' vectors: where m, v live."""
+    pos = _row(rp, 0, row_mask, IDX) + _row(rp, 2, row_mask, IDX) * (_row(rp, 1, row_mask, IDX) + a)
+    pidx, local, _, lm = _locate(
+        pos,
+        _row(rp, 5, row_mask, IDX),
+        _row(rp, 6, row_mask, IDX),
+        mask,
+        row_mask[:, None],
+        seg_ptr,
+        STEPS,
+    )
+    return pidx, local, lm
+
+
+@triton.jit
+def _rotated_adamw_kernel(
+    # per-call tables
+    ptr_table,  # int64 (6, P): data pointers of params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step
+    hyper_ptr,  # float64 (5,): lr, beta1, beta2, eps, weight_decay
+    lr_ptr,  # the learning rate on the device: hyper_ptr, or the caller's lr tensor
+    # cached metadata (rotkern.kernels._rotated_adamw_plan)
+    tile_ptr,  # int64 (tiles, TILE_FIELDS): first row, rows, nb, R offset, R row stride, workspace offset
+    row_ptr,  # int64 (block-rows, ROW_FIELDS): rbase, q0, es, gather segs, moment segs, pi offset, step param
+    seg_ptr,  # int64 (segments, 4): first virtual position, offset in the param - position, param, decays (0/1)
+    perm_ptr,  # int32: the units' permutations, concatenated
+    rot_ptr,  # fp32: the R blocks, row-major, row stride a multiple of 16
+    ws_ptr,  # fp32 workspace, one slot per rotated coordinate of the call
+    # sizes
+    num_params,
+    # meta
+    P_DTYPE: tl.constexpr,  # param dtype (stores cast to it)
+    G_DTYPE: tl.constexpr,  # grad dtype
+    IDX: tl.constexpr,  # positions: tl.int32, or tl.int64 when a unit or param passes 2^31 elements
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" | "tf32x3" | "tf32"
+    STAGED: tl.constexpr,  # gather g into the workspace first (permuted / strided / multi-tensor units)
+    ALIGNED: tl.constexpr,  # every block size and workspace offset of the launch is a multiple of 16
+    GATHER_STEPS: tl.constexpr,  # segment-search steps for gathered positions (0: single-tensor units)
+    MOMENT_STEPS: tl.constexpr,  # segment-search steps for moment positions
+    PHASE: tl.constexpr,  # 0: all phases (barriers between); 1: gather + rotate + Adam; 2: unrotate + apply
+    BLOCK_M: tl.constexpr,  # block-rows per program
+    BLOCK_N: tl.constexpr,  # output columns per dot tile
+    BLOCK_K: tl.constexpr,  # reduction columns per dot tile
+):
+    """One tile of block-rows, (BLOCK_M, nb) coordinates: gradient -> moments and params, in place."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile = tile_ptr + pid * TILE_FIELDS
+    row_start = tl.load(tile)
+    row_count = tl.load(tile + 1)
+    nb = tl.load(tile + 2).to(tl.int32)  # <= MAX_BLOCK_SIZE
+    r_off = tl.multiple_of(tl.load(tile + 3), 16)
+    r_stride = tl.multiple_of(tl.load(tile + 4).to(tl.int32), 16)
+    ws_off = tl.load(tile + 5)
+    if ALIGNED:
+        nb = tl.multiple_of(nb, 16)
+        ws_off = tl.multiple_of(ws_off, 16)
+
+    i = tl.arange(0, BLOCK_M)
+    row_mask = i < row_count
+    rm = row_mask[:, None]
+    rp = row_ptr + (row_start + i) * ROW_FIELDS  # lazily read row fields: long-lived columns cost registers
+    ws_rows = ws_ptr + ws_off + i[:, None] * nb  # this tile's workspace, row-major (BLOCK_M, nb)
+    rot = rot_ptr + r_off
+
+    # Hyperparameters in fp64, rounded to fp32 where the eager reference rounds them.
+    lr = tl.load(lr_ptr).to(tl.float64)
+    beta1 = tl.load(hyper_ptr + 1)
+    beta2 = tl.load(hyper_ptr + 2)
+    eps = tl.load(hyper_ptr + 3).to(tl.float32)
+    decay_factor = (1.0 - lr * tl.load(hyper_ptr + 4)).to(tl.float32)
+    step_param = tl.load(rp + 8, mask=row_mask, other=0)
+    step = tl.load(
+        _ptr(ptr_table, num_params, _STEP, step_param, 0, row_mask, tl.float32, False), mask=row_mask, other=1.0
+    )
+    step_size, bc2_sqrt = _bias_corrections(lr, beta1, beta2, step.to(tl.float64))
+    step_size = step_size[:, None]
+    bc2_sqrt = bc2_sqrt[:, None]
+
+    if PHASE != 2:
+        if STAGED:
+            for k0 in range(0, nb, BLOCK_K):
+                c = k0 + tl.arange(0, BLOCK_K)[None, :]
+                mask = rm & (c < nb)
+                g_p, _, _ = _gather_ptr(
+                    ptr_table,
+                    num_params,
+                    _G,
+                    rp,
+                    row_mask,
+                    _row(rp, 1, row_mask, IDX) + c,
+                    mask,
+                    perm_ptr,
+                    seg_ptr,
+                    G_DTYPE,
+                    IDX,
+                    GATHER_STEPS,
+                )
+                tl.store(ws_rows + c, tl.load(g_p, mask=mask, other=0.0).to(tl.float32), mask=mask)
+            tl.debug_barrier()  # the K loops below read slots other threads of this program wrote
+        else:
+            # Unpermuted contiguous rows: read g in place. Per-row base pointers, offsets added per tile.
+            gpidx, goff, _, gm = _locate(
+                _row(rp, 0, row_mask, IDX) + _row(rp, 1, row_mask, IDX),
+                _row(rp, 3, row_mask, IDX),
+                _row(rp, 4, row_mask, IDX),
+                rm,
+                rm,
+                seg_ptr,
+                0,
+            )
+            g_rows = _ptr(ptr_table, num_params, _G, gpidx, goff, gm, G_DTYPE, False)
+        for n0 in range(0, nb, BLOCK_N):
+            a = n0 + tl.arange(0, BLOCK_N)[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, nb, BLOCK_K):
+                c = k0 + tl.arange(0, BLOCK_K)
+                xmask = rm & (c[None, :] < nb)
+                if STAGED:
+                    x = tl.load(ws_rows + c[None, :], mask=xmask, other=0.0)
+                else:
+                    x = tl.load(g_rows + c[None, :], mask=xmask, other=0.0).to(tl.float32)
+                # R^T tile, rt[c, a] = R[a, c], straight from row-major R.
+                rt = tl.load(rot + a * r_stride + c[:, None], mask=(c[:, None] < nb) & (a < nb), other=0.0)
+                acc = tl.dot(x, rt, acc, input_precision=PRECISION)
+            if MAXIMIZE:
+                acc = -acc  # R(-g) == -(R g) exactly: rounding is sign-symmetric
+            mask = rm & (a < nb)
+            pidx, local, lm = _moment_loc(rp, row_mask, a, mask, seg_ptr, IDX, MOMENT_STEPS)
+            m_p = _ptr(ptr_table, num_params, _M, pidx, local, lm, tl.float32, False)
+            v_p = _ptr(ptr_table, num_params, _V, pidx, local, lm, tl.float32, False)
+            m, v = _adam_moments(
+                acc,
+                tl.load(m_p, mask=mask, other=0.0),
+                tl.load(v_p, mask=mask, other=0.0),
+                (1.0 - beta1).to(tl.float32),
+                beta2.to(tl.float32),
+                (1.0 - beta2).to(tl.float32),
+            )
+            tl.store(m_p, m, mask=mask)
+            tl.store(v_p, v, mask=mask)
+            if AMSGRAD:
+                vmax_p = _ptr(ptr_table, num_params, _VMAX, pidx, local, lm, tl.float32, False)
+                v = tl.maximum(tl.load(vmax_p, mask=mask, other=0.0), v, propagate_nan=tl.PropagateNan.ALL)
+                tl.store(vmax_p, v, mask=mask)
+            if not STAGED:
+                tl.store(ws_rows + a, _adam_direction(m, v, bc2_sqrt, eps), mask=mask)
+
+    if PHASE == 0:
+        tl.debug_barrier()  # phase 2 reads moments / u that other threads of this program stored
+
+    if PHASE != 1:
+        for n0 in range(0, nb, BLOCK_N):
+            c = n0 + tl.arange(0, BLOCK_N)[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, nb, BLOCK_K):
+                a = k0 + tl.arange(0, BLOCK_K)
+                umask = rm & (a[None, :] < nb)
+                if STAGED:
+                    # The workspace holds X: recompute u from the moments stored in phase 1.
+                    pidx, local, lm = _moment_loc(rp, row_mask, a[None, :], umask, seg_ptr, IDX, MOMENT_STEPS)
+                    m = tl.load(
+                        _ptr(ptr_table, num_params, _M, pidx, local, lm, tl.float32, False), mask=umask, other=0.0
+                    )
+                    vv_p = _ptr(ptr_table, num_params, _VMAX if AMSGRAD else _V, pidx, local, lm, tl.float32, False)
+                    u = _adam_direction(m, tl.load(vv_p, mask=umask, other=0.0), bc2_sqrt, eps)
+                else:
+                    u = tl.load(ws_rows + a[None, :], mask=umask, other=0.0)
+                # Padding must be exactly 0: with eps = 0 it is 0/0, which would leak NaN through the dot.
+                u = tl.where(umask, u, 0.0)
+                r = tl.load(rot + a[:, None] * r_stride + c, mask=(a[:, None] < nb) & (c < nb), other=0.0)
+                acc = tl.dot(u, r, acc, input_precision=PRECISION)
+            mask = rm & (c < nb)
+            p_p, seg, lm = _gather_ptr(
+                ptr_table,
+                num_params,
+                _P,
+                rp,
+                row_mask,
+                _row(rp, 1, row_mask, IDX) + c,
+                mask,
+                perm_ptr,
+                seg_ptr,
+                P_DTYPE,
+                IDX,
+                GATHER_STEPS,
+            )
+            decay = tl.load(seg_ptr + seg * SEG_FIELDS + 3, mask=lm, other=0)
+            p = tl.load(p_p, mask=mask, other=0.0).to(tl.float32)
+            p = p * tl.where(decay != 0, decay_factor, 1.0) - step_size * acc
+            tl.store(p_p, _round_to(p, P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _store(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _adamw_elements(
+    p_p,
+    g_p,
+    m_p,
+    v_p,
+    vmax_p,
+    mask,
+    beta1,
+    beta2,
+    eps,
+    step_size,
+    bc2_sqrt,
+    decay_factor,
+    P_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    g = _load(g_p, mask, MASKED).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m, v = _adam_moments(
+        g,
+        _load(m_p, mask, MASKED),
+        _load(v_p, mask, MASKED),
+        (1.0 - beta1).to(tl.float32),
+        beta2.to(tl.float32),
+        (1.0 - beta2).to(tl.float32),
+    )
+    _store(m_p, m, mask, MASKED)
+    _store(v_p, v, mask, MASKED)
+    if AMSGRAD:
+        v = tl.maximum(_load(vmax_p, mask, MASKED), v, propagate_nan=tl.PropagateNan.ALL)
+        _store(vmax_p, v, mask, MASKED)
+    p = _load(p_p, mask, MASKED).to(tl.float32) * decay_factor
+    p = p - step_size * _adam_direction(m, v, bc2_sqrt, eps)
+    _store(p_p, _round_to(p, P_DTYPE), mask, MASKED)
+
+
+@triton.jit
+def _adamw_kernel(
+    # per-call tables
+    ptr_table,  # int64 (6, P): as in _rotated_adamw_kernel
+    hyper_ptr,  # float64 (5,): lr, beta1, beta2, eps, weight_decay
+    lr_ptr,  # the learning rate on the device
+    # cached metadata
+    chunk_ptr,  # int64 (chunks, CHUNK_FIELDS): param, start, stop, decay
+    # sizes
+    num_params,
+    # meta
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor of the launch is 16-byte aligned: full chunks vectorise
+    BLOCK: tl.constexpr,
+):
+    """Plain AdamW on one chunk of BLOCK elements of one identity unit (rotation none)."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = chunk_ptr + pid * CHUNK_FIELDS
+    pidx = tl.load(chunk)
+    start = tl.multiple_of(tl.load(chunk + 1), BLOCK)
+    stop = tl.load(chunk + 2)
+    decay = tl.load(chunk + 3)
+    offs = start + tl.arange(0, BLOCK)
+
+    lr = tl.load(lr_ptr).to(tl.float64)
+    beta1 = tl.load(hyper_ptr + 1)
+    beta2 = tl.load(hyper_ptr + 2)
+    eps = tl.load(hyper_ptr + 3).to(tl.float32)
+    one = pidx + tl.zeros([1], tl.int64)  # (1,)-shaped: _bias_corrections reduces over its argument
+    valid = one >= 0
+    step = tl.load(_ptr(ptr_table, num_params, _STEP, one, 0, valid, tl.float32, False), mask=valid, other=1.0)
+    step_size, bc2_sqrt = _bias_corrections(lr, beta1, beta2, step.to(tl.float64))
+    decay_factor = tl.where(decay != 0, (1.0 - lr * tl.load(hyper_ptr + 4)).to(tl.float32), 1.0)
+
+    ok = pidx >= 0  # scalar reads of the pointer table: always in bounds
+    p_p = _ptr(ptr_table, num_params, _P, pidx, offs, ok, P_DTYPE, ALIGNED)
+    g_p = _ptr(ptr_table, num_params, _G, pidx, offs, ok, G_DTYPE, ALIGNED)
+    m_p = _ptr(ptr_table, num_params, _M, pidx, offs, ok, tl.float32, ALIGNED)
+    v_p = _ptr(ptr_table, num_params, _V, pidx, offs, ok, tl.float32, ALIGNED)
+    vmax_p = _ptr(ptr_table, num_params, _VMAX, pidx, offs, ok, tl.float32, ALIGNED)
+    if start + BLOCK <= stop:
+        # A full chunk needs no mask, so aligned pointers give 16-byte vector loads and stores.
+        _adamw_elements(
+            p_p,
+            g_p,
+            m_p,
+            v_p,
+            vmax_p,
+            None,
+            beta1,
+            beta2,
+            eps,
+            step_size,
+            bc2_sqrt,
+            decay_factor,
+            P_DTYPE,
+            AMSGRAD,
+            MAXIMIZE,
+            False,
+        )
+    else:
+        _adamw_elements(
+            p_p,
+            g_p,
+            m_p,
+            v_p,
+            vmax_p,
+            offs < stop,
+            beta1,
+            beta2,
+            eps,
+            step_size,
+            bc2_sqrt,
+            decay_factor,
+            P_DTYPE,
+            AMSGRAD,
+            MAXIMIZE,
+            True,
+        )
+
+
+# %% launcher -----------------------------------------------------------------------------------------
+# Tests set this to fill the workspace with NaN before every call: nothing may read a slot it did not write.
+POISON_WORKSPACE = False
+
+
+def rotated_adamw_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None,
+    state_steps: Sequence[torch.Tensor],
+    units: Sequence[Unit],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay_mask: Sequence[bool] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    precision: str = "tf32x3",
+    single_pass: bool = True,
+    plan_cache: PlanCache | None = None,
+) -> None:
+    """One rotated AdamW step in place: :func:`rotated_adamw_ref`'s signature and semantics, in Triton.
+
+    Args (beyond the reference's):
+        lr: a float, or a scalar tensor on the params' device (read in the kernel: no sync, no recompile).
+        precision: ``tl.dot`` input precision for the rotations: ``ieee`` (true fp32, slow on tensor-core
+            GPUs), ``tf32x3`` (fp32-level accuracy on tensor cores; default) or ``tf32`` (fastest, ~1e-3
+            relative error in the rotated gradient).
+        single_pass: one launch per block-size class with in-program barriers (default), or two (rotate +
+            Adam, then unrotate + apply).
+        plan_cache: where the per-units metadata is cached (an optimizer passes its own); default: a small
+            module-level LRU.
+
+    Requirements: every touched tensor on one device where Triton runs (CUDA, or CPU under
+    TRITON_INTERPRET=1), contiguous; moments fp32; steps fp32 scalars on the same device.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
+    units = list(units)
+    if not units:
+        return
+    touched = list(dict.fromkeys(i for u in units for i in u.params))
+    device = params[touched[0]].device
+    _check_inputs(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps, touched, device
+    )
+    if torch.is_tensor(lr) and lr.device != device:
+        if lr.device.type != "cpu":
+            raise ValueError(f"lr is a tensor on {lr.device} but the params are on {device}")
+        lr = float(lr)  # a CPU scalar: reading it does not sync the GPU
+    plan = get_plan(units, params, grads, decay_mask, device, plan_cache)
+
+    torch._foreach_add_([state_steps[i] for i in touched], 1.0)
+    table = np.zeros(_HYPER + _KINDS * len(params), np.int64)
+    table[:_HYPER].view(np.float64)[:] = (0.0 if torch.is_tensor(lr) else float(lr), beta1, beta2, eps, weight_decay)
+    ptrs = table[_HYPER:].reshape(_KINDS, len(params))
+    state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps)
+    for kind, tensors in enumerate(state):
+        if tensors is not None:
+            for i in touched:
+                ptrs[kind, i] = tensors[i].data_ptr()
+    host = torch.from_numpy(table)
+    # Pinned + non_blocking: the upload is queued on the stream like a kernel; the host never waits.
+    dev_table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    hyper = dev_table[:_HYPER].view(torch.float64)
+    ptr_table = dev_table[_HYPER:]
+    lr_arg = lr if torch.is_tensor(lr) else hyper
+
+    ws = None
+    if plan.ws_numel:
+        ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=device)
+        if POISON_WORKSPACE:
+            ws.fill_(float("nan"))
+    for launch in plan.launches:
+        common = dict(
+            P_DTYPE=_TL_DTYPES[launch.p_dtype],
+            G_DTYPE=_TL_DTYPES[launch.g_dtype],
+            AMSGRAD=amsgrad,
+            MAXIMIZE=maximize,
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+            **launch.meta,
+        )
+        grid = (launch.grid,)
+        if not launch.rotated:
+            aligned = _aligned(state, plan.identity_params)
+            _adamw_kernel[grid](ptr_table, hyper, lr_arg, launch.table, len(params), ALIGNED=aligned, **common)
+            continue
+        args = (ptr_table, hyper, lr_arg, launch.table, plan.rows, plan.segments, plan.perm, plan.rot, ws, len(params))
+        idx = tl.int64 if plan.wide else tl.int32
+        for phase in (0,) if single_pass else (1, 2):
+            _rotated_adamw_kernel[grid](*args, IDX=idx, PRECISION=precision, PHASE=phase, **common)
+
+
+def _aligned(state, indices) -> bool:
+    return all(ts[i].data_ptr() % 16 == 0 for ts in state[:5] if ts is not None for i in indices)
+
+
+def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, touched, device) -> None:
+    reason = why_not_triton(params[touched[0]])
+    if reason is not None:
+        raise RuntimeError(f"rotated_adamw_step (Triton) {reason}; got {device} params")
+    for i in touched:
+        p = params[i]
+        checks = [
+            ("param", p, None),
+            ("grad", grads[i], p.shape),
+            ("exp_avg", exp_avgs[i], p.shape),
+            ("exp_avg_sq", exp_avg_sqs[i], p.shape),
+        ]
+        if max_exp_avg_sqs is not None:
+            checks.append(("max_exp_avg_sq", max_exp_avg_sqs[i], p.shape))
+        for name, t, shape in checks:
+            if t is None:
+                raise ValueError(f"param {i}: {name} is None; every member of a stepped unit needs one")
+            if t.device != device:
+                raise ValueError(
+                    f"param {i}: {name} is on {t.device} but param {touched[0]} is on {device}; the Triton step "
+                    "runs one device per call (use one device per param group)"
+                )
+            if shape is not None and t.shape != shape:
+                raise ValueError(f"param {i}: {name} has shape {tuple(t.shape)}, the param {tuple(shape)}")
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"param {i}: {name} is not contiguous; the Triton step indexes flat memory "
+                    "(make the param contiguous, or use backend='eager')"
+                )
+            if t.dtype not in _TL_DTYPES:
+                raise ValueError(f"param {i}: {name} has dtype {t.dtype}; expected a floating-point dtype")
+            if name.startswith(("exp_", "max_")) and t.dtype != torch.float32:
+                raise ValueError(f"param {i}: {name} is {t.dtype}; the Triton step keeps fp32 moments")
+        s = state_steps[i]
+        if s is None or s.device != device or s.dtype != torch.float32 or s.numel() != 1:
+            got = "None" if s is None else f"{s.dtype} on {s.device} with {s.numel()} elements"
+            raise ValueError(
+                f"param {i}: state step must be a float32 scalar on {device} (the kernel reads it); got {got}"
+            )
