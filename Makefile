@@ -45,10 +45,9 @@ test-interpret: $(BIN)/.installed
 
 test: lint test-cpu test-interpret
 
-# On the GPU machine (its own torch/Triton): everything, including bf16 and the GPU-only checks.
+# On a GPU machine (its own torch/Triton, nothing installed): every test, the kernels on CUDA.
 test-gpu:
-	$(PYTHON) -m pytest -m "not interpret or gpu" -v
-	$(PYTHON) -m pytest -m interpret
+	bash benchmarks/gpu_run.sh tests
 
 bench:
 	$(PYTHON) benchmarks/bench_optimizer_step.py --out benchmarks/results
