@@ -162,6 +162,17 @@ class RotatedOptimizerBase(Optimizer):
             active.append(unit)
         return active, filled
 
+    def _prepare(self, gi: int, group: dict, extra_keys: tuple[str, ...] = ()) -> tuple[list, list, list] | None:
+        """Checks, active units and lazily created state of one group: (grads, units, states), or None when
+        no unit has a gradient. ``states[i]`` is None for params outside the active units."""
+        grads = self._check_group(gi, group)
+        units, grads = self._active_units(gi, group, grads)
+        if not units:
+            return None
+        touched = {i for u in units for i in u.params}
+        states = [self._init_state(p, extra_keys) if i in touched else None for i, p in enumerate(group["params"])]
+        return grads, units, states
+
     def _step_device(self, p: torch.Tensor) -> torch.device:
         """Where ``state["step"]`` of ``p`` lives: the CPU here; fused subclasses keep it on ``p``'s device
         so that kernels read it without a host sync. Checkpoints load onto this device either way."""

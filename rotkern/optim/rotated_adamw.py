@@ -87,14 +87,11 @@ class RotatedAdamW(RotatedOptimizerBase):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            grads = self._check_group(gi, group)
-            units, grads = self._active_units(gi, group, grads)
-            if not units:
+            prepared = self._prepare(gi, group, ("max_exp_avg_sq",) if group["amsgrad"] else ())
+            if prepared is None:
                 continue
+            grads, units, states = prepared
             params = group["params"]
-            touched = {i for u in units for i in u.params}
-            extra = ("max_exp_avg_sq",) if group["amsgrad"] else ()
-            states = [self._init_state(p, extra) if i in touched else None for i, p in enumerate(params)]
             beta1, beta2 = group["betas"]
             self._rotated_adamw(
                 group,

@@ -70,13 +70,11 @@ class RotatedSGD(RotatedOptimizerBase):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            grads = self._check_group(gi, group)
-            units, grads = self._active_units(gi, group, grads)
-            if not units:
+            prepared = self._prepare(gi, group)
+            if prepared is None:
                 continue
+            grads, units, states = prepared
             params = group["params"]
-            touched = {i for u in units for i in u.params}
-            states = [self._init_state(p) if i in touched else None for i, p in enumerate(params)]
             rotated_sgdm_ref(
                 params,
                 grads,
