@@ -39,6 +39,7 @@ Defaults where the paper is silent (each configurable):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,8 +96,9 @@ class Unit:
     shape: tuple[int, int]
     rotation: BlockRotation | None
 
-    @property
+    @functools.cached_property
     def params(self) -> tuple[int, ...]:
+        """Indices of the member params, in order (read on every step: cached)."""
         return tuple(dict.fromkeys(s.param for s in self.segments))
 
     def view(self, flats: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -47,7 +47,7 @@ class RotatedOptimizerBase(Optimizer):
         if compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
         self.compute_dtype = compute_dtype
-        self._unit_cache: dict[int, tuple[tuple, list[Unit]]] = {}
+        self._unit_cache: dict[int, tuple[tuple, tuple, list[Unit]]] = {}
         params = _normalise_params(params)
         super().__init__(params, defaults)
 
@@ -93,10 +93,17 @@ class RotatedOptimizerBase(Optimizer):
     def units(self, group_index: int) -> list[Unit]:
         """The rotation units of a param group (cached; rebuilt only if its rotation options change)."""
         group = self.param_groups[group_index]
-        spec = tuple(_freeze(group.get(k)) for k in SPEC_KEYS)
+        values = [group.get(k) for k in SPEC_KEYS]
+        # Fast path by the identity of list-valued keys (this runs every step); when a list was replaced
+        # (load_state_dict does that), fall back to comparing contents.
+        quick = tuple(id(v) if isinstance(v, list) else v for v in values)
         cached = self._unit_cache.get(group_index)
-        if cached is not None and cached[0] == spec:
-            return cached[1]
+        if cached is not None and cached[0] == quick:
+            return cached[2]
+        spec = tuple(_freeze(v) for v in values)
+        if cached is not None and cached[1] == spec:
+            self._unit_cache[group_index] = (quick, spec, cached[2])
+            return cached[2]
         if cached is not None and any(p in self.state for p in group["params"]):
             raise ValueError(
                 f"param group {group_index}: rotation options changed after the optimizer took a step; the "
@@ -113,34 +120,40 @@ class RotatedOptimizerBase(Optimizer):
             embedding=group["embedding"],
             vectors=group["vectors"],
         )
-        self._unit_cache[group_index] = (spec, units)
+        self._unit_cache[group_index] = (quick, spec, units)
         return units
 
     # -- per-step checks ------------------------------------------------------------------------------
     def _check_group(self, gi: int, group: dict[str, Any]) -> list[torch.Tensor | None]:
         """Validate the group's params and grads; returns grads (None where absent)."""
-        names = group["names"]
         grads: list[torch.Tensor | None] = []
-        for i, p in enumerate(group["params"]):
-            label = _label(names, gi, i)
-            if list(p.shape) != group["shapes"][i]:
-                raise ValueError(
-                    f"{label} changed shape from {tuple(group['shapes'][i])} to {tuple(p.shape)} after the optimizer "
-                    "was built; build a new optimizer for the new shapes"
-                )
+        for i, (p, shape) in enumerate(zip(group["params"], group["shapes"], strict=True)):
             g = p.grad
-            if g is not None:
-                if g.is_sparse:
-                    raise RuntimeError(
-                        f"{label} has a sparse gradient, which rotated optimizers do not support (a rotation makes "
-                        "it dense); use nn.Embedding(sparse=False) or convert with grad.to_dense()"
-                    )
-                if g.shape != p.shape:
-                    raise ValueError(f"{label}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
-                if g.device != p.device:
-                    raise ValueError(f"{label}: grad is on {g.device} but the param is on {p.device}")
+            # One cheap combined test per param; the messages are built only on failure.
+            if p.shape != tuple(shape) or (
+                g is not None and (g.is_sparse or g.shape != p.shape or g.device != p.device)
+            ):
+                self._raise_bad_param(gi, group, i)
             grads.append(g)
         return grads
+
+    @staticmethod
+    def _raise_bad_param(gi: int, group: dict[str, Any], i: int) -> None:
+        p, g, shape = group["params"][i], group["params"][i].grad, tuple(group["shapes"][i])
+        label = _label(group["names"], gi, i)
+        if p.shape != shape:
+            raise ValueError(
+                f"{label} changed shape from {shape} to {tuple(p.shape)} after the optimizer was built; build a "
+                "new optimizer for the new shapes"
+            )
+        if g.is_sparse:
+            raise RuntimeError(
+                f"{label} has a sparse gradient, which rotated optimizers do not support (a rotation makes it "
+                "dense); use nn.Embedding(sparse=False) or convert with grad.to_dense()"
+            )
+        if g.shape != p.shape:
+            raise ValueError(f"{label}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+        raise ValueError(f"{label}: grad is on {g.device} but the param is on {p.device}")
 
     def _active_units(self, gi: int, group: dict, grads: list[torch.Tensor | None]) -> tuple[list[Unit], list]:
         """Units with at least one gradient; members without one count as zero gradients."""
@@ -150,7 +163,7 @@ class RotatedOptimizerBase(Optimizer):
             members = unit.params
             if all(grads[i] is None for i in members):
                 continue
-            devices = {params[i].device for i in members}
+            devices = {params[i].device for i in members} if len(members) > 1 else ()
             if len(devices) > 1:
                 raise ValueError(
                     f"param group {gi}: a '{group['rotation']}' rotation spans params on several devices "
