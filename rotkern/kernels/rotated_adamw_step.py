@@ -632,38 +632,55 @@ def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
     reason = why_not_triton(params[touched[0]])
     if reason is not None:
         raise RuntimeError(f"rotated_adamw_step (Triton) {reason}; got {device} params")
+    # Params and grads change every step (grads are new tensors); the state tensors usually do not, so their
+    # checks run once per set of state tensors (keyed by identity and address).
     for i in touched:
-        p = params[i]
-        checks = [
-            ("param", p, None),
-            ("grad", grads[i], p.shape),
-            ("exp_avg", exp_avgs[i], p.shape),
-            ("exp_avg_sq", exp_avg_sqs[i], p.shape),
-        ]
-        if max_exp_avg_sqs is not None:
-            checks.append(("max_exp_avg_sq", max_exp_avg_sqs[i], p.shape))
-        for name, t, shape in checks:
-            if t is None:
-                raise ValueError(f"param {i}: {name} is None; every member of a stepped unit needs one")
-            if t.device != device:
-                raise ValueError(
-                    f"param {i}: {name} is on {t.device} but param {touched[0]} is on {device}; the Triton step "
-                    "runs one device per call (use one device per param group)"
-                )
-            if shape is not None and t.shape != shape:
-                raise ValueError(f"param {i}: {name} has shape {tuple(t.shape)}, the param {tuple(shape)}")
-            if not t.is_contiguous():
-                raise ValueError(
-                    f"param {i}: {name} is not contiguous; the Triton step indexes flat memory "
-                    "(make the param contiguous, or use backend='eager')"
-                )
-            if t.dtype not in _TL_DTYPES:
-                raise ValueError(f"param {i}: {name} has dtype {t.dtype}; expected a floating-point dtype")
-            if name.startswith(("exp_", "max_")) and t.dtype != torch.float32:
-                raise ValueError(f"param {i}: {name} is {t.dtype}; the Triton step keeps fp32 moments")
+        p, g = params[i], grads[i]
+        if g is None or not (
+            p.device == device and g.device == device and g.shape == p.shape and p.is_contiguous()
+            and g.is_contiguous() and p.dtype in _TL_DTYPES and g.dtype in _TL_DTYPES
+        ):  # fmt: skip
+            _check_tensors(i, [("param", p, None), ("grad", g, p.shape)], device, touched[0])
+    moments = [m for m in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if m is not None]
+    key = (device, tuple((id(ts[i]), ts[i].data_ptr()) for ts in [*moments, state_steps] for i in touched))
+    if key in _VALIDATED_STATE:
+        return
+    names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for i in touched:
+        checks = [(n, ts[i], params[i].shape) for n, ts in zip(names, moments, strict=False)]
+        _check_tensors(i, checks, device, touched[0])
         s = state_steps[i]
         if s is None or s.device != device or s.dtype != torch.float32 or s.numel() != 1:
             got = "None" if s is None else f"{s.dtype} on {s.device} with {s.numel()} elements"
             raise ValueError(
                 f"param {i}: state step must be a float32 scalar on {device} (the kernel reads it); got {got}"
             )
+    if len(_VALIDATED_STATE) > 64:
+        _VALIDATED_STATE.clear()
+    _VALIDATED_STATE.add(key)
+
+
+_VALIDATED_STATE: set = set()
+
+
+def _check_tensors(i: int, checks: list, device: torch.device, first: int) -> None:
+    """Raise a clear error for the first bad tensor of param i: (name, tensor, expected shape or None)."""
+    for name, t, shape in checks:
+        if t is None:
+            raise ValueError(f"param {i}: {name} is None; every member of a stepped unit needs one")
+        if t.device != device:
+            raise ValueError(
+                f"param {i}: {name} is on {t.device} but param {first} is on {device}; the Triton step "
+                "runs one device per call (use one device per param group)"
+            )
+        if shape is not None and t.shape != shape:
+            raise ValueError(f"param {i}: {name} has shape {tuple(t.shape)}, the param {tuple(shape)}")
+        if not t.is_contiguous():
+            raise ValueError(
+                f"param {i}: {name} is not contiguous; the Triton step indexes flat memory "
+                "(make the param contiguous, or use backend='eager')"
+            )
+        if t.dtype not in _TL_DTYPES:
+            raise ValueError(f"param {i}: {name} has dtype {t.dtype}; expected a floating-point dtype")
+        if name.startswith(("exp_", "max_")) and t.dtype != torch.float32:
+            raise ValueError(f"param {i}: {name} is {t.dtype}; the Triton step keeps fp32 moments")
