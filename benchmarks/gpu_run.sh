@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to do, in one call: environment, GPU tests, benchmarks.
+# `bench` alone fits one 10-minute command (benchmarks/bench_step.py with a budget); `all` runs the tests
+# first and gives the benchmark what is left of GPU_RUN_SECONDS.
 # Uses the machine's own torch/Triton (nothing is installed). Results go to $OUT (default
 # benchmarks/results/latest); copy the ones worth keeping into benchmarks/results/.
 #   usage: bash benchmarks/gpu_run.sh [tests|bench|all]
@@ -20,8 +22,23 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  if [ -f benchmarks/bench_optimizer_step.py ]; then
-    python3 benchmarks/bench_optimizer_step.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+  # bench_step.py skips what would overrun its budget: whatever this script has left of GPU_RUN_SECONDS
+  # (default 570, for a 10-minute command), less a margin for the report. Results are saved after every phase.
+  budget=$(( ${GPU_RUN_SECONDS:-570} - SECONDS - 20 ))
+  [ "$budget" -lt 60 ] && budget=60
+  python3 benchmarks/bench_step.py --out "$OUT" --budget-seconds "$budget" 2>&1 | tee "$OUT/bench.log" \
+    | grep -v '^W[0-9]' | tail -40
+  [ "${PIPESTATUS[0]}" -ne 0 ] && rc=1
+  if [ -f "$OUT/bench_step.json" ]; then
+    # The README performance section (image links relative to $OUT); printed so the command's output has it.
+    python3 benchmarks/report.py "$OUT/bench_step.json" --image-prefix "" -o "$OUT/performance.md"
+    cat "$OUT/performance.md"
   fi
+fi
+# The device tool returns at most 8 files from $OUT: pack everything into one archive, keep the headline files.
+if [ -n "${OUT_PACK:-1}" ] && [ "$(ls -A "$OUT" | wc -l)" -gt 6 ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -maxdepth 1 \
+    ! -name env.txt ! -name performance.md ! -name pytest_gpu.log ! -name bench_step.json -exec rm -rf {} + \
+    && mv /tmp/results.tgz "$OUT/results.tgz"
 fi
 exit $rc
