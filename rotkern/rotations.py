@@ -128,6 +128,7 @@ def random_permutation(
     return torch.sort(keys, stable=True).indices
 
 
+@torch.compiler.disable  # built once and cached; tracing it would re-run the QR in every compiled step
 @functools.lru_cache(maxsize=128)
 def _haar_cached(n: int, seed: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     # One R_n per (seed, n) is shared by every block and every layer of a run (SPEC section 1), and one
@@ -208,6 +209,7 @@ class BlockRotation:
 
         return self._get(("iperm", str(device)), build)
 
+    @torch.compiler.disable  # lazy construction (numpy streams, sorting) is host work, not part of a step
     def _get(self, key, make):
         if key not in self._cache:
             self._cache[key] = make()

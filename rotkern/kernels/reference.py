@@ -33,7 +33,8 @@ __all__ = ["rotated_adamw_ref", "rotated_sgdm_ref"]
 
 
 def _flat(ts: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    return [None if t is None else t.view(-1) for t in ts]
+    # detach: in-place writes through views of a leaf that requires grad trip torch.compile's view checks.
+    return [None if t is None else t.detach().view(-1) for t in ts]
 
 
 def rotated_adamw_ref(

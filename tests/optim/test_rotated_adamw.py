@@ -258,3 +258,22 @@ def test_closure_and_fp64_compute():
 
     loss = opt.step(closure)
     assert loss.item() > 0 and opt.state[w]["exp_avg"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_step_compiles_and_matches_eager(scope):
+    """torch.compile(opt.step) is a benchmark baseline (issue 5): it must trace and give the eager result."""
+    shapes = [(24, 8), (8,), (16, 24)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opts = [RotatedAdamW(x, rotation=scope, block_size=8, lr=1e-2) for x in (ps, qs)]
+    step = torch.compile(opts[0].step)
+    for t in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for x in (ps, qs):
+            for p, g in zip(x, grads, strict=True):
+                p.grad = g.clone()
+        step() if t else opts[0].step()  # the first step builds state and rotations outside the graph
+        opts[1].step()
+    for p, q in zip(ps, qs, strict=True):
+        assert_close_to_ref(p.detach(), q.detach(), "fused_fp32", what=f"compiled {scope}")
