@@ -2,9 +2,11 @@
 
 Public API: :class:`RotatedAdamW` (eager fp32 reference), :class:`FusedRotatedAdamW` (the same step as
 fused Triton kernels), :class:`RotatedSGD`, the rotation and scope building blocks, and
-:func:`param_groups_for` to annotate a model's parameters for the scopes.
+:func:`param_groups_for` to annotate a model's parameters for the scopes, and :mod:`rotkern.metrics`, the
+paper's analysis metrics.
 """
 
+from . import metrics
 from .optim import FusedRotatedAdamW, RotatedAdamW, RotatedSGD
 from .rotations import MAX_BLOCK_SIZE, BlockRotation, Stream, haar_orthogonal, random_permutation
 from .scopes import SCOPES, Unit, build_units, param_groups_for
@@ -22,6 +24,7 @@ __all__ = [
     "Unit",
     "build_units",
     "haar_orthogonal",
+    "metrics",
     "param_groups_for",
     "random_permutation",
 ]
