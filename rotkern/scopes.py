@@ -12,13 +12,16 @@ layer      one ``flat`` unit per weight (q, k, v separately when a fused QKV wei
 output     one ``rows`` unit per weight: each row of the (out, in) matrix, i.e. the weights that end at
            one output neuron
 input      one ``cols`` unit per weight: each column, i.e. the weights that start at one input neuron
+svd        one ``svd`` unit per weight (q, k, v separately): the (out, in) matrix, rotated on both sides by
+           the singular bases of its gradient, recomputed every ``svd_every`` steps (paper Alg 5)
 =========  ==========================================================================================
 
 Layouts. ``flat``: the segments' flattened values concatenated into one row. ``rows``: a parameter's
 contiguous row range viewed as (k, w) with ``w = numel / shape[0]`` (conv kernels flatten their trailing
-dims). ``cols``: the same view transposed, (w, k). Adam's moments are stored per parameter with the
-parameter's shape, holding the rotated value at the same position the unit gathered it from; in the
-global scope the moment of parameter i is therefore the i-th chunk of the rotated global vector.
+dims). ``cols``: the same view transposed, (w, k). ``svd``: the ``rows`` view, rotated as one (k, w)
+matrix. Adam's moments are stored per parameter with the parameter's shape, holding the rotated value at
+the same position the unit gathered it from; in the global scope the moment of parameter i is therefore
+the i-th chunk of the rotated global vector.
 
 Roles. Each parameter has a role: ``matrix`` (an (out, in, ...) weight), ``qkv`` (a fused q/k/v weight,
 split into three along dim 0 when ``split_qkv``), ``embedding`` (stored (in, out) = (vocab, dim)) or
@@ -35,12 +38,20 @@ Defaults where the paper is silent (each configurable):
 - Neuron-wise vectors longer than the block are permuted within the vector (one permutation per unit,
   shared by its rows) and split into blocks plus a residual; shorter ones get one Haar block of their
   own length. Every unit with the same seed shares the same R_n.
+
+The ``svd`` scope (SPEC section 3) is the only dynamic one: its units are structural here (which matrix,
+which piece), and the bases live in the optimizer's per-parameter state; see :class:`SvdRotation`. Its
+matricisation is the other scopes' (out, in * kh * kw for conv kernels); embeddings are taken as stored,
+(vocab, dim), whatever ``embedding`` says, because the SVD of G^T is the SVD of G with the two sides swapped
+and Adam is element-wise, so the orientation cannot change the trajectory. 1-D parameters follow
+``vectors`` as in the neuron-wise scopes: unrotated under ``auto`` and ``none``, one seeded Haar-rotated
+vector under ``rotate`` (Alg 5 takes "the gradient matrix of each layer"; a vector has no two sides).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,17 +60,25 @@ from torch import nn
 from .rotations import BlockRotation, check_block_size
 
 __all__ = [
+    "ALL_SCOPES",
+    "DYNAMIC_SCOPES",
     "SCOPES",
     "ROLES",
     "Unit",
     "Segment",
+    "SvdRotation",
     "build_units",
     "infer_roles",
     "param_groups_for",
     "unit_index_map",
 ]
 
+# The seeded, fixed scopes: every backend (Triton kernels included) runs these.
 SCOPES = ("none", "global", "layer", "output", "input")
+# Scopes whose rotation is recomputed from the gradient during training: eager torch ops only.
+DYNAMIC_SCOPES = ("svd",)
+# Every accepted value of the ``rotation`` option.
+ALL_SCOPES = SCOPES + DYNAMIC_SCOPES
 ROLES = ("matrix", "qkv", "embedding", "vector")
 EMBEDDING_ORIENTATIONS = ("transposed", "as_linear")
 VECTOR_POLICIES = ("auto", "rotate", "none")
@@ -79,22 +98,206 @@ class Segment:
         return self.stop - self.start
 
 
+class SvdRotation:
+    """The two-sided rotation ``G -> L^T G R`` of one (k, w) matrix unit of the ``svd`` scope (paper Alg 5).
+
+    At a recompute step the optimizer takes the reduced SVD of the current gradient, ``G = U_r S V_r^T`` with
+    r = min(k, w), and the bases become ``L = [U_r, U_perp]`` (k, k) and ``R = [V_r, V_perp]`` (w, w): the
+    singular vectors completed to full orthogonal matrices. A true rotation needs the complement (later
+    gradients leave span(U_r), and Adam must see those coordinates too), but a full U of a 50304 x 768
+    embedding would hold 50304^2 floats. So a side longer than r is kept implicitly, in O(n r): the Householder
+    reflectors of ``torch.geqrf(U_r)`` (n, r) and their scalars tau (r,). Their product Q is orthogonal, and
+    its first r columns are ``U_r diag(R_ii)`` with ``R_ii = +-1`` (U_r has orthonormal columns); flipping
+    those signs back gives ``L = Q diag(R_11..R_rr, 1..1)``, whose first r columns are exactly U_r and whose
+    complement is ``Q[:, r:]``, a deterministic function of U_r. ``torch.ormqr`` applies it in O(n r w) without
+    forming it (LAPACK / cuSOLVER, blocked). A side of length r (both sides when k = w) is square already and
+    stored as is, applied with one matmul.
+
+    State per parameter, the ``num_pieces`` pieces (3 for a split qkv weight, else 1) stacked on dim 0:
+
+    ==============  =========  ================================================================================
+    ``svd_u``       (P, k, r)  U_r when k == r, else the Householder reflectors of U_r (geqrf's ``a``)
+    ``svd_u_tau``   (P, r)     their scalars tau; only when k > r
+    ``svd_v``       (P, w, r)  the same for V_r
+    ``svd_v_tau``   (P, r)     only when w > r
+    ==============  =========  ================================================================================
+
+    The unit itself is structural (shapes only). The optimizer binds the rotation to its state
+    (:meth:`bind`), so ``rotate(x)`` / ``unrotate(x)`` act with the current bases like a
+    :class:`BlockRotation`'s; before the first recompute there is no basis yet and both are the identity (the
+    moments are still zero then). The step itself passes the bases explicitly.
+
+    Args:
+        rows, cols: k and w, the matrix piece's shape.
+        piece, num_pieces: which piece of its parameter this is, and how many there are.
+    """
+
+    def __init__(self, rows: int, cols: int, piece: int = 0, num_pieces: int = 1) -> None:
+        if rows < 1 or cols < 1:
+            raise ValueError(f"SvdRotation: shape must be positive, got ({rows}, {cols})")
+        if not 0 <= piece < num_pieces:
+            raise ValueError(f"SvdRotation: piece {piece} out of range for {num_pieces} pieces")
+        self.rows, self.cols = int(rows), int(cols)
+        self.rank = min(self.rows, self.cols)
+        self.piece, self.num_pieces = int(piece), int(num_pieces)
+        self._state: Mapping | None = None
+        self._param: torch.Tensor | None = None
+
+    @property
+    def left_implicit(self) -> bool:
+        """Whether L is kept as Householder reflectors (k > r), not as a dense matrix."""
+        return self.rows > self.rank
+
+    @property
+    def right_implicit(self) -> bool:
+        """Whether R is kept as Householder reflectors (w > r)."""
+        return self.cols > self.rank
+
+    def spec(self) -> dict:
+        return {"rows": self.rows, "cols": self.cols, "piece": self.piece, "num_pieces": self.num_pieces}
+
+    def __repr__(self) -> str:
+        return f"SvdRotation({self.rows}, {self.cols}, piece={self.piece}, num_pieces={self.num_pieces})"
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the per-parameter state tensors that hold this unit's bases (all pieces)."""
+        p, r = self.num_pieces, self.rank
+        shapes = {"svd_u": (p, self.rows, r), "svd_v": (p, self.cols, r)}
+        if self.left_implicit:
+            shapes["svd_u_tau"] = (p, r)
+        if self.right_implicit:
+            shapes["svd_v_tau"] = (p, r)
+        return shapes
+
+    def compute(self, g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The bases of this piece from the current gradient.
+
+        Args:
+            g: (k, w) gradient, in the dtype the SVD runs in (the optimizer's compute dtype).
+        Returns:
+            (S, bases): the singular values (r,), descending, and this piece's state tensors (the
+            :meth:`state_shapes` keys, without the piece dim). Raises for non-finite g (LAPACK cannot converge).
+        """
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        bases = {}
+        for key, x, implicit in (("svd_u", u, self.left_implicit), ("svd_v", vh.mT, self.right_implicit)):
+            if implicit:
+                bases[key], bases[key + "_tau"] = torch.geqrf(x)
+            else:
+                bases[key] = x
+        return s, bases
+
+    def save(self, store: MutableMapping[str, torch.Tensor], bases: dict[str, torch.Tensor]) -> None:
+        """Copy one piece's ``bases`` into the stacked tensors of ``store`` (a param's state; made on first use)."""
+        for key, shape in self.state_shapes().items():
+            val = bases[key]
+            if key not in store:
+                store[key] = torch.zeros(shape, dtype=val.dtype, device=val.device)
+            store[key][self.piece].copy_(val)
+
+    def load(self, store: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """This piece's bases (views into ``store``), or None when ``store`` holds none yet."""
+        if store is None or "svd_u" not in store:
+            return None
+        return {key: store[key][self.piece] for key in self.state_shapes()}
+
+    def bind(self, state: Mapping, param: torch.Tensor) -> None:
+        """Read the bases from ``state[param]`` (an optimizer's state mapping) when none are passed."""
+        self._state, self._param = state, param
+
+    def _bound(self) -> dict[str, torch.Tensor] | None:
+        if self._state is None:
+            return None
+        return self.load(self._state.get(self._param))
+
+    # -- action ---------------------------------------------------------------------------------------
+    def rotate(self, x: torch.Tensor, bases: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """g~ = L^T x R. x: (k, w) -> (k, w); ``bases`` default to the bound state's (identity if none)."""
+        b = self._bases_for(x, bases)
+        return x if b is None else self._right(self._left(x, b, transpose=True), b, transpose=False)
+
+    def unrotate(self, y: torch.Tensor, bases: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x = L y R^T, the inverse of :meth:`rotate`. y: (k, w) -> (k, w)."""
+        b = self._bases_for(y, bases)
+        return y if b is None else self._left(self._right(y, b, transpose=True), b, transpose=False)
+
+    def matrices(
+        self, bases: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (L (k, k), R (w, w)) in ``dtype`` (testing; the identity before the first recompute)."""
+        b = bases if bases is not None else self._bound()
+        if b is None:
+            return torch.eye(self.rows, dtype=dtype), torch.eye(self.cols, dtype=dtype)
+        b = {k: v.to(dtype) for k, v in b.items()}
+        eye_k = torch.eye(self.rows, dtype=dtype, device=b["svd_u"].device)
+        eye_w = torch.eye(self.cols, dtype=dtype, device=b["svd_u"].device)
+        return self._left(eye_k, b, transpose=False), self._right(eye_w, b, transpose=False)
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(k w, k w) matrix ``kron(L^T, R^T)``: ``vec(L^T G R)`` for row-major ``vec`` (testing; small only)."""
+        if self.rows * self.cols > 8192:
+            raise ValueError(f"dense(): refusing to materialise a {self.rows * self.cols}-square matrix")
+        left, right = self.matrices(dtype=dtype)
+        return torch.kron(left.T.contiguous(), right.T.contiguous()).cpu()
+
+    def _bases_for(self, x: torch.Tensor, bases: dict | None) -> dict | None:
+        if x.shape != (self.rows, self.cols):
+            raise ValueError(f"{self!r} applied to a tensor of shape {tuple(x.shape)}")
+        b = bases if bases is not None else self._bound()
+        if b is not None and (b["svd_u"].dtype != x.dtype or b["svd_u"].device != x.device):
+            # Like BlockRotation, act in x's dtype and device (the step's x already matches: no copy there).
+            b = {k: v.to(dtype=x.dtype, device=x.device) for k, v in b.items()}
+        return b
+
+    def _left(self, x: torch.Tensor, b: dict, transpose: bool) -> torch.Tensor:
+        """L^T x (transpose) or L x, for x (k, n)."""
+        if not self.left_implicit:
+            u = b["svd_u"]
+            return (u.mT if transpose else u) @ x
+        a, tau, r = b["svd_u"], b["svd_u_tau"], self.rank
+        d = _reflector_signs(a, r).unsqueeze(1)
+        if transpose:  # L^T x = D (Q^T x)
+            y = torch.ormqr(a, tau, x, left=True, transpose=True)
+            return torch.cat([y[:r] * d, y[r:]])
+        return torch.ormqr(a, tau, torch.cat([x[:r] * d, x[r:]]), left=True, transpose=False)  # Q (D x)
+
+    def _right(self, x: torch.Tensor, b: dict, transpose: bool) -> torch.Tensor:
+        """x R^T (transpose) or x R, for x (n, w)."""
+        if not self.right_implicit:
+            v = b["svd_v"]
+            return x @ (v.mT if transpose else v)
+        a, tau, r = b["svd_v"], b["svd_v_tau"], self.rank
+        d = _reflector_signs(a, r)
+        if transpose:  # x R^T = (x D) Q^T
+            return torch.ormqr(a, tau, torch.cat([x[:, :r] * d, x[:, r:]], 1), left=False, transpose=True)
+        y = torch.ormqr(a, tau, x, left=False, transpose=False)  # (x Q) D
+        return torch.cat([y[:, :r] * d, y[:, r:]], 1)
+
+
+def _reflector_signs(a: torch.Tensor, r: int) -> torch.Tensor:
+    """sign(R_ii) of a geqrf factorisation (R's diagonal sits on a's), as +-1 in a's dtype."""
+    diag = torch.diagonal(a)[:r]
+    return torch.where(diag >= 0, 1.0, -1.0).to(a.dtype)
+
+
 @dataclass(frozen=True)
 class Unit:
     """Vectors rotated together.
 
-    layout: "identity" | "flat" | "rows" | "cols".
+    layout: "identity" | "flat" | "rows" | "cols" | "svd".
     segments: one segment, except for a multi-parameter ``flat`` unit (global scope).
-    width: row width w of the (k, w) view of a ``rows``/``cols`` segment (ignored otherwise).
-    shape: (num_vectors, L) of the gathered matrix.
-    rotation: the shared rotation of length L (None for identity units).
+    width: row width w of the (k, w) view of a ``rows``/``cols``/``svd`` segment (ignored otherwise).
+    shape: (num_vectors, L) of the gathered matrix; (k, w) for an ``svd`` unit.
+    rotation: the shared rotation of length L (None for identity units); for an ``svd`` unit the
+        :class:`SvdRotation` of the whole (k, w) matrix.
     """
 
     layout: str
     segments: tuple[Segment, ...]
     width: int
     shape: tuple[int, int]
-    rotation: BlockRotation | None
+    rotation: BlockRotation | SvdRotation | None
 
     @functools.cached_property
     def params(self) -> tuple[int, ...]:
@@ -110,7 +313,7 @@ class Unit:
         if self.layout in ("flat", "identity"):
             return x.unsqueeze(0)
         x = x.view(-1, self.width)
-        return x if self.layout == "rows" else x.t()
+        return x if self.layout in ("rows", "svd") else x.t()
 
     def write(self, flats: Sequence[torch.Tensor], value: torch.Tensor) -> None:
         """Copy a (num_vectors, L) matrix back into the per-parameter flat tensors."""
@@ -163,14 +366,14 @@ def build_units(
 
     Args:
         shapes: the parameters' shapes, in group order.
-        scope: one of :data:`SCOPES`.
+        scope: one of :data:`ALL_SCOPES`.
         block_size: n, the Haar block size (default 768, the paper's).
         seed: seed of every rotation in the group.
         roles: one of :data:`ROLES` per parameter; inferred from shapes (and names) when None.
     Returns:
         Units covering every parameter exactly once.
     """
-    _check_choice(scope, SCOPES, "rotation")
+    _check_choice(scope, ALL_SCOPES, "rotation")
     _check_choice(embedding, EMBEDDING_ORIENTATIONS, "embedding")
     _check_choice(vectors, VECTOR_POLICIES, "vectors")
     check_block_size(block_size)
@@ -206,9 +409,23 @@ def build_units(
         rot = BlockRotation(length, block_size, seed, perm_stream=perm)
         units.append(Unit(layout, (Segment(i, start_row * width, stop_row * width),), width, (rows, length), rot))
 
+    def svd(i: int, start_row: int, stop_row: int, piece: int, num_pieces: int) -> None:
+        width = numels[i] // shapes[i][0]
+        k = stop_row - start_row
+        if k * width == 0:
+            return
+        rot = SvdRotation(k, width, piece, num_pieces)
+        units.append(Unit("svd", (Segment(i, start_row * width, stop_row * width),), width, (k, width), rot))
+
     def pieces(i: int) -> list[tuple[int, int]]:
         n0 = shapes[i][0]
         if roles[i] == "qkv" and split_qkv:
+            if scope == "svd" and n0 % 3:
+                # The pieces' bases are stacked in one state tensor per parameter: they must have one shape.
+                raise ValueError(
+                    f"parameter {_pname(names, i)} has role 'qkv' but {n0} rows, not a multiple of 3: "
+                    "rotation='svd' splits it into three equal matrices"
+                )
             return [(j * n0 // 3, (j + 1) * n0 // 3) for j in range(3)]
         return [(0, n0)]
 
@@ -229,9 +446,13 @@ def build_units(
             flat([Segment(i, 0, numels[i])]) if rotate_vector else identity(i)
             continue
         width = numels[i] // shapes[i][0] if shapes[i][0] else 0
-        for a, b in pieces(i):
+        parts = pieces(i)
+        for j, (a, b) in enumerate(parts):
             if scope == "layer":
                 flat([Segment(i, a * width, b * width)])
+                continue
+            if scope == "svd":
+                svd(i, a, b, j, len(parts))
                 continue
             # An embedding stored (in, out) is transposed before rotating, which swaps rows and columns.
             swap = roles[i] == "embedding" and embedding == "transposed"

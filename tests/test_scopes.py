@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from rotkern.scopes import SCOPES, build_units, infer_roles, param_groups_for, unit_index_map
+from rotkern.scopes import ALL_SCOPES, build_units, infer_roles, param_groups_for, unit_index_map
 
 
 def _coverage(units, numels):
@@ -15,7 +15,7 @@ def _coverage(units, numels):
     return seen
 
 
-@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("scope", ALL_SCOPES)
 def test_units_cover_every_coordinate_once(scope):
     shapes = [torch.Size(s) for s in [(12, 5), (5,), (6, 3, 3, 3), (9, 4), (30, 8)]]
     roles = ["matrix", "vector", "matrix", "qkv", "embedding"]

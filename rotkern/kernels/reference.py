@@ -12,6 +12,19 @@ rotated_adamw_ref — one step of rotated AdamW (paper Alg 4) over one parameter
 
 The operation order is torch.optim.AdamW's (single-tensor path), so identity units reproduce it.
 
+SVD units (rotation="svd", paper Alg 5; :class:`rotkern.scopes.SvdRotation`) replace B(pi .) by a two-sided
+rotation of the unit's (k, w) matrix G, with bases recomputed from the current gradient at steps
+t = 1, 1 + F, 1 + 2F, ... (F = svd_every):
+
+    U, S, V = svd(G)  at a recompute step  (bases L = [U, U_perp], R = [V, V_perp], kept in param state)
+    g~  = L^T G R                          (= S padded with zeros at a recompute step; see below)
+    ... Adam as above on g~; m, v carried over unchanged when the bases change (no re-projection) ...
+    d   = L u R^T
+
+At a recompute step g~ is set to S (diagonal, zero elsewhere) instead of computing L^T G R: the two are
+equal in exact arithmetic, and the product would leave fp32 rounding noise (~1e-7 sigma_1) in the zero
+coordinates, which Adam's first step (v = 0 there) turns into full +-lr updates along random directions.
+
 rotated_sgdm_ref — rotated SGD with momentum (torch.optim.SGD semantics in the rotated basis):
 
     g   = g + wd p                      (coupled weight decay, as torch.optim.SGD)
@@ -23,11 +36,11 @@ rotated_sgdm_ref — rotated SGD with momentum (torch.optim.SGD semantics in the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import torch
 
-from ..scopes import Unit
+from ..scopes import SvdRotation, Unit
 
 __all__ = ["rotated_adamw_ref", "rotated_sgdm_ref"]
 
@@ -54,6 +67,8 @@ def rotated_adamw_ref(
     decay_mask: Sequence[bool] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    svd_bases: Sequence[MutableMapping[str, torch.Tensor] | None] | None = None,
+    svd_every: int = 250,
 ) -> None:
     """One rotated AdamW step, in place, for the given units of one parameter group.
 
@@ -65,6 +80,10 @@ def rotated_adamw_ref(
             (a parameter split into several units, e.g. q/k/v, still counts one step).
         units: the units to step (``Unit.segments`` index into the lists above).
         decay_mask: per-parameter bool; parameters with False get no weight decay.
+        svd_bases: needed when ``units`` has svd units: per parameter, a mutable mapping that holds its bases
+            (the optimizer passes the param's state dict; keys ``svd_u``, ``svd_v``, ... as in
+            :class:`~rotkern.scopes.SvdRotation`). Written at recompute steps, read at the others.
+        svd_every: F; svd units recompute their bases at steps t with (t - 1) % F == 0.
     """
     p_flat, g_flat = _flat(params), _flat(grads)
     m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
@@ -80,8 +99,12 @@ def rotated_adamw_ref(
         g = unit.view(g_flat).to(cdt)
         if maximize:
             g = -g
-        if unit.rotation is not None:
-            g = unit.rotation.rotate(g)
+        rot = unit.rotation
+        svd = isinstance(rot, SvdRotation)
+        if svd:
+            g, bases = _svd_rotate(rot, g, svd_bases, members[0], step, svd_every)
+        elif rot is not None:
+            g = rot.rotate(g)
         m = unit.view(m_flat)
         v = unit.view(v_flat)
         m.lerp_(g, 1 - beta1)
@@ -97,8 +120,10 @@ def rotated_adamw_ref(
         unit.write(m_flat, m)
         unit.write(v_flat, v)
         update = m / denom
-        if unit.rotation is not None:
-            update = unit.rotation.unrotate(update)
+        if svd:
+            update = rot.unrotate(update, bases)
+        elif rot is not None:
+            update = rot.unrotate(update)
 
         p = unit.view(p_flat)
         # In place when the param already has the compute dtype (p32 then aliases it and write is a no-op).
@@ -108,6 +133,33 @@ def rotated_adamw_ref(
             p32.mul_(1 - lr * weight_decay * (1.0 if decay is None else decay))
         p32.add_(update, alpha=-lr / bias_correction1)
         unit.write(p_flat, p32.to(p.dtype))
+
+
+def _svd_rotate(
+    rot: SvdRotation,
+    g: torch.Tensor,
+    svd_bases: Sequence[MutableMapping[str, torch.Tensor] | None] | None,
+    param: int,
+    step: float,
+    svd_every: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(g~, bases) of an svd unit at ``step``: new bases from g at a recompute step, else the stored ones."""
+    store = None if svd_bases is None else svd_bases[param]
+    if store is None:
+        raise ValueError("rotated_adamw_ref: svd units need svd_bases (a mapping per parameter to keep the bases in)")
+    if (int(step) - 1) % svd_every == 0:
+        s, bases = rot.compute(g)
+        rot.save(store, bases)
+        g_rot = torch.zeros_like(g)
+        g_rot.diagonal()[: rot.rank] = s  # = L^T g R exactly; see the module docstring
+        return g_rot, rot.load(store)
+    bases = rot.load(store)
+    if bases is None:
+        raise ValueError(
+            f"svd unit {rot!r} has no bases at step {int(step)}: they are computed at steps 1, 1 + F, ... "
+            "(F = svd_every); a checkpoint that lacks them cannot continue"
+        )
+    return rot.rotate(g, bases), bases
 
 
 def _advance_steps(state_steps: Sequence[torch.Tensor], units: Sequence[Unit]) -> None:
@@ -151,6 +203,8 @@ def rotated_sgdm_ref(
             g = -g
         if weight_decay != 0:
             g = g.add(p.to(cdt), alpha=weight_decay)
+        if isinstance(unit.rotation, SvdRotation):
+            raise ValueError("rotated_sgdm_ref: rotation='svd' is implemented for AdamW only")
         if unit.rotation is not None:
             g = unit.rotation.rotate(g)
         buf = unit.view(b_flat)

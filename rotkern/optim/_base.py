@@ -4,6 +4,7 @@ state_dict round-trips and the dense-matrix testing oracle."""
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,10 +13,11 @@ from torch.optim import Optimizer
 
 from ..rotations import check_block_size
 from ..scopes import (
+    ALL_SCOPES,
     EMBEDDING_ORIENTATIONS,
     ROLES,
-    SCOPES,
     VECTOR_POLICIES,
+    SvdRotation,
     Unit,
     build_units,
     infer_roles,
@@ -24,8 +26,12 @@ from ..scopes import (
 
 STATE_DICT_FORMAT = 1
 
-# Group keys that decide which basis the moments live in: a checkpoint must agree on all of them.
-SPEC_KEYS = ("rotation", "block_size", "seed", "split_qkv", "embedding", "vectors", "roles", "shapes")
+# Group keys that decide the units (cached per group; they may not change once the moments exist).
+UNIT_KEYS = ("rotation", "block_size", "seed", "split_qkv", "embedding", "vectors", "roles", "shapes")
+# Group keys that decide which basis the moments live in: a checkpoint must agree on all of them. svd_every
+# only sets when the next SVD basis is computed, so it may change between steps of a live optimizer; it is
+# compared only for rotation="svd" groups (checkpoints older than the svd scope lack it).
+SPEC_KEYS = UNIT_KEYS + ("svd_every",)
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -33,7 +39,9 @@ class RotatedOptimizerBase(Optimizer):
     """Base class: a torch Optimizer whose param groups carry rotation options.
 
     Group keys beyond the optimizer's hyperparameters:
-        rotation: scope name (``none``, ``global``, ``layer``, ``output``, ``input``).
+        rotation: scope name (``none``, ``global``, ``layer``, ``output``, ``input``, and ``svd`` where the
+            subclass sets ``_supports_svd``).
+        svd_every: F, the SVD basis period of the ``svd`` scope (optimizers that support it).
         block_size, seed: Haar block size n and the rotation seed.
         split_qkv, embedding, vectors: scope options (see :mod:`rotkern.scopes`).
         names, roles: optional per-parameter names and roles (see :func:`rotkern.param_groups_for`).
@@ -42,6 +50,8 @@ class RotatedOptimizerBase(Optimizer):
     """
 
     _moment_keys: tuple[str, ...] = ()
+    # Whether the step implements rotation="svd" (it needs the basis recompute in the step).
+    _supports_svd = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], compute_dtype: torch.dtype) -> None:
         if compute_dtype not in _COMPUTE_DTYPES:
@@ -69,8 +79,15 @@ class RotatedOptimizerBase(Optimizer):
                 )
             if not p.is_floating_point():
                 raise ValueError(f"{label}: dtype {p.dtype} is not a floating-point dtype")
-        if group["rotation"] not in SCOPES:
-            raise ValueError(f"param group {gi}: unknown rotation {group['rotation']!r}; choose one of {SCOPES}")
+        if group["rotation"] not in ALL_SCOPES:
+            raise ValueError(f"param group {gi}: unknown rotation {group['rotation']!r}; choose one of {ALL_SCOPES}")
+        if group["rotation"] == "svd" and not self._supports_svd:
+            raise ValueError(
+                f"param group {gi}: rotation='svd' (paper Alg 5) is implemented for RotatedAdamW and "
+                f"FusedRotatedAdamW only, not {type(self).__name__}"
+            )
+        if "svd_every" in group:
+            check_svd_every(group["svd_every"], f"param group {gi}: svd_every")
         check_block_size(group["block_size"], f"param group {gi}: block_size")
         if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
             raise ValueError(f"param group {gi}: seed must be an int, got {group['seed']!r}")
@@ -93,7 +110,7 @@ class RotatedOptimizerBase(Optimizer):
     def units(self, group_index: int) -> list[Unit]:
         """The rotation units of a param group (cached; rebuilt only if its rotation options change)."""
         group = self.param_groups[group_index]
-        values = [group.get(k) for k in SPEC_KEYS]
+        values = [group.get(k) for k in UNIT_KEYS]
         # Fast path by the identity of list-valued keys (this runs every step); when a list was replaced
         # (load_state_dict does that), fall back to comparing contents.
         quick = tuple(id(v) if isinstance(v, list) else v for v in values)
@@ -120,6 +137,10 @@ class RotatedOptimizerBase(Optimizer):
             embedding=group["embedding"],
             vectors=group["vectors"],
         )
+        # svd units read their current bases from this optimizer's state (for rotate(x) outside the step).
+        for unit in units:
+            if isinstance(unit.rotation, SvdRotation):
+                unit.rotation.bind(self.state, group["params"][unit.params[0]])
         self._unit_cache[group_index] = (quick, spec, units)
         return units
 
@@ -236,6 +257,8 @@ class RotatedOptimizerBase(Optimizer):
                 mine, theirs = _freeze(g.get(key)), _freeze(sg.get(key))
                 if key == "names" and (mine is None or theirs is None):
                     continue
+                if key == "svd_every" and g.get("rotation") != "svd":
+                    continue
                 if mine != theirs:
                     raise ValueError(
                         f"checkpoint mismatch in param group {gi}: {key} is {sg.get(key)!r} in the checkpoint but "
@@ -253,6 +276,7 @@ class RotatedOptimizerBase(Optimizer):
             for gi, g in enumerate(self.param_groups)
             for i, p in enumerate(g["params"])
         }
+        svd_shapes = self._svd_state_shapes()
         new_state: dict = {}
         for pid, st in state_dict["state"].items():
             if pid not in id_map:
@@ -262,12 +286,27 @@ class RotatedOptimizerBase(Optimizer):
             missing = [k for k in ("step",) + self._moment_keys if k not in st]
             if missing:
                 raise ValueError(f"checkpoint state of {label} lacks {missing}; it was saved by another optimizer")
+            want_svd = svd_shapes.get(id(p), {})
+            have_svd = sorted(k for k in st if k.startswith("svd_"))
+            # Bases exist from step 1 on; without them the moments' basis is lost.
+            if (have_svd or float(st["step"]) >= 1) and have_svd != sorted(want_svd):
+                raise ValueError(
+                    f"checkpoint state of {label} has SVD basis keys {have_svd}, this optimizer expects "
+                    f"{sorted(want_svd)}"
+                )
             new = {}
             for key, val in st.items():
                 if not torch.is_tensor(val):
                     new[key] = val
                 elif key == "step":
                     new[key] = val.detach().clone().to(dtype=torch.float32, device=self._step_device(p))
+                elif key in want_svd:
+                    if tuple(val.shape) != want_svd[key]:
+                        raise ValueError(
+                            f"checkpoint state '{key}' of {label} has shape {tuple(val.shape)}, the SVD bases of "
+                            f"this param need {want_svd[key]}"
+                        )
+                    new[key] = val.detach().to(device=p.device, dtype=self.compute_dtype, copy=True)
                 else:
                     if tuple(val.shape) != tuple(p.shape):
                         raise ValueError(
@@ -283,13 +322,26 @@ class RotatedOptimizerBase(Optimizer):
         self.state.clear()
         self.state.update(new_state)
 
+    def _svd_state_shapes(self) -> dict[int, dict[str, tuple[int, ...]]]:
+        """id(param) -> {state key: shape} of the SVD bases its svd units keep (params of svd groups only)."""
+        out: dict[int, dict[str, tuple[int, ...]]] = {}
+        for gi, g in enumerate(self.param_groups):
+            if g["rotation"] != "svd":
+                continue
+            for unit in self.units(gi):
+                if isinstance(unit.rotation, SvdRotation):
+                    out.setdefault(id(g["params"][unit.params[0]]), {}).update(unit.rotation.state_shapes())
+        return out
+
     # -- testing oracle -------------------------------------------------------------------------------
     def rotation_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense (d, d) orthogonal matrix D with ``vec(state-layout g~) = D vec(g)`` for all groups.
 
         ``vec`` concatenates every param's flattened values in param-group order; moments are stored in
         the same order, so AdamW run on ``D vec(g)`` with updates mapped back by ``D^T`` is the oracle for
-        this optimizer. Only for small models (d <= 4096).
+        this optimizer. Only for small models (d <= 4096). svd units contribute their current bases
+        (``kron(L^T, R^T)`` on the matrix's row-major entries), which change every ``svd_every`` steps, and
+        the identity before their first step.
         """
         numels = [p.numel() for g in self.param_groups for p in g["params"]]
         d = sum(numels)
@@ -301,6 +353,10 @@ class RotatedOptimizerBase(Optimizer):
             gn = [p.numel() for p in g["params"]]
             for unit in self.units(gi):
                 idx = unit_index_map(unit, gn) + offset
+                if isinstance(unit.rotation, SvdRotation):
+                    flat = idx.reshape(-1)
+                    out[flat.unsqueeze(1), flat.unsqueeze(0)] = unit.rotation.dense(dtype)
+                    continue
                 length = unit.shape[1]
                 block = unit.rotation.dense(dtype) if unit.rotation is not None else torch.eye(length, dtype=dtype)
                 for row in idx:
@@ -338,6 +394,15 @@ def _freeze(x):
     if isinstance(x, (list, tuple)):
         return tuple(_freeze(v) for v in x)
     return x
+
+
+def check_svd_every(value: object, name: str = "svd_every") -> int:
+    """Validate F, the SVD basis period (a positive int); returns it as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive int (steps between SVD basis recomputes), got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1 (the paper uses F = 250)")
+    return int(value)
 
 
 def check_hyper(

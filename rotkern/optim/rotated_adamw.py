@@ -1,4 +1,5 @@
-"""RotatedAdamW: AdamW in a rotated parameter space (paper Alg 4), the eager fp32 reference."""
+"""RotatedAdamW: AdamW in a rotated parameter space (paper Alg 4, and Alg 5 for rotation="svd"), the eager
+fp32 reference."""
 
 from __future__ import annotations
 
@@ -21,21 +22,39 @@ class RotatedAdamW(RotatedOptimizerBase):
     ``m^/(sqrt(v^)+eps)`` is rotated back, un-permuted and applied with decoupled weight decay in the
     standard basis (SPEC section 1). ``rotation="none"`` is exactly ``torch.optim.AdamW``.
 
+    ``rotation="svd"`` is the paper's Alg 5 (SPEC section 3), the one dynamic scope: every 2-D weight
+    (conv kernels as (out, in * kh * kw); q, k, v separately under ``split_qkv``; embeddings as stored) is
+    rotated on both sides, ``g~ = L^T G R``, by the singular vectors of its current gradient
+    ``G = U S V^T`` (after the ``maximize`` sign), completed to full orthogonal bases ``L = [U, U_perp]``,
+    ``R = [V, V_perp]`` (see :class:`rotkern.scopes.SvdRotation` for the O(n r) Householder completion).
+    The bases are recomputed at steps 1, 1 + F, 1 + 2F, ... (F = ``svd_every``; the paper's first SVD at
+    t = F leaves steps before it undefined), from the gradient of that step, in the compute dtype; m and v
+    carry over unchanged across a basis change, as Alg 5 shows. The update ``L (m^/(sqrt(v^)+eps)) R^T`` is
+    applied with decoupled weight decay in the standard basis. 1-D params follow ``vectors`` (unrotated under
+    ``auto``). Cost: one SVD per matrix every F steps, plus two matmuls (or Householder products) per step.
+
     Arguments mirror :class:`torch.optim.AdamW` (same defaults); the keyword-only rotation options are
     defaults for every param group, and each group may override them.
 
     Args:
-        rotation: scope: ``none`` | ``global`` | ``layer`` | ``output`` | ``input``.
+        rotation: scope: ``none`` | ``global`` | ``layer`` | ``output`` | ``input`` | ``svd``.
         block_size: Haar block size n (default 768, the paper's).
         seed: rotation seed; the same seed gives the same rotations on any machine.
         split_qkv: rotate the thirds of fused QKV weights (role ``qkv``) as separate layers.
         embedding: ``transposed`` (paper B.1) or ``as_linear``; see :mod:`rotkern.scopes`.
         vectors: policy for 1-D params: ``auto`` | ``rotate`` | ``none``.
-        compute_dtype: torch.float32 (default) or torch.float64 (for precision tests); moments are
-            stored in this dtype whatever the param dtype.
+        svd_every: F, the steps between SVD basis recomputes of ``rotation="svd"`` (default 250, the
+            paper's, after GaLore); a positive int. Ignored by the other scopes.
+        compute_dtype: torch.float32 (default) or torch.float64 (for precision tests); moments (and SVD
+            bases) are stored in this dtype whatever the param dtype.
 
     State per param (torch.optim.AdamW's keys): ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq``
     and with amsgrad ``max_exp_avg_sq``, each with the param's shape, holding the rotated-layout moments.
+    Params of svd units also keep their current bases, in the compute dtype, pieces stacked on dim 0
+    (P = 3 for a split qkv weight, else 1; a (k, w) piece, r = min(k, w)): ``svd_u`` (P, k, r) and
+    ``svd_v`` (P, w, r) hold U and V, or, for the side longer than r, the Householder reflectors of its
+    completion, with their scalars in ``svd_u_tau`` / ``svd_v_tau`` (P, r). They go through ``state_dict``
+    like the moments, so a run resumes bit-identically across a basis change.
     """
 
     def __init__(
@@ -54,6 +73,7 @@ class RotatedAdamW(RotatedOptimizerBase):
         split_qkv: bool = True,
         embedding: str = "transposed",
         vectors: str = "auto",
+        svd_every: int = 250,
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         check_hyper("learning rate", lr)
@@ -74,10 +94,12 @@ class RotatedAdamW(RotatedOptimizerBase):
             split_qkv=split_qkv,
             embedding=embedding,
             vectors=vectors,
+            svd_every=svd_every,
         )
         super().__init__(params, defaults, compute_dtype)
 
     _moment_keys = ("exp_avg", "exp_avg_sq")
+    _supports_svd = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -93,6 +115,8 @@ class RotatedAdamW(RotatedOptimizerBase):
             grads, units, states = prepared
             params = group["params"]
             beta1, beta2 = group["betas"]
+            # svd units keep their bases in the param state; other scopes' steps never see these arguments.
+            svd = dict(svd_bases=states, svd_every=group["svd_every"]) if group["rotation"] == "svd" else {}
             self._rotated_adamw(
                 group,
                 params,
@@ -110,6 +134,7 @@ class RotatedAdamW(RotatedOptimizerBase):
                 decay_mask=group["decay_mask"],
                 amsgrad=group["amsgrad"],
                 maximize=group["maximize"],
+                **svd,
             )
         return loss
 

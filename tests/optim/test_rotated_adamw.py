@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rotkern import SCOPES, RotatedAdamW, param_groups_for
+from rotkern.scopes import ALL_SCOPES
 from rotkern.testing import assert_close_to_ref, dense_adamw_oracle
 
 from ._models import MLP, TinyBlock, batch_for, loss_of
@@ -81,7 +82,7 @@ def test_oracle_has_the_expected_structure():
     rot3 = opt.units(0)[0].rotation.dense()  # columns of length 3 < block: one 3x3 Haar block
     # vec(R W) for row-major vec: kron(R, I_10)
     assert torch.allclose(d, torch.kron(rot3, torch.eye(10, dtype=torch.float64)))
-    for scope in SCOPES:
+    for scope in ALL_SCOPES:  # svd: the identity until its first step (test_svd_scope.py checks it after)
         d = RotatedAdamW([w], rotation=scope, block_size=4).rotation_matrix()
         assert torch.allclose(d @ d.T, torch.eye(30, dtype=torch.float64), atol=1e-12)
 
@@ -138,7 +139,7 @@ def _roundtrip(sd):
     return torch.load(buf, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("scope", ALL_SCOPES)
 def test_state_dict_roundtrip_is_bit_exact(scope):
     model = TinyBlock()
     kw = dict(lr=1e-2, rotation=scope, block_size=5, seed=4, amsgrad=True)
@@ -214,6 +215,8 @@ def test_bad_input_errors():
         RotatedAdamW([w], block_size=-2)
     with pytest.raises(ValueError, match="unknown rotation"):
         RotatedAdamW([w], rotation="diagonal")
+    with pytest.raises(ValueError, match="svd_every"):
+        RotatedAdamW([w], rotation="svd", svd_every=0)
     with pytest.raises(ValueError, match="complex"):
         RotatedAdamW([torch.randn(3, dtype=torch.complex64)])
     with pytest.raises(ValueError, match="beta"):
