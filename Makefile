@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: run quadratic test lint test-cpu test-interpret test-gpu bench clean
+.PHONY: run quadratic test lint test-cpu test-interpret ext test-ext test-gpu bench clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -37,14 +37,23 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check rotkern tests benchmarks
 
 test-cpu: $(BIN)/.installed
-	$(BIN)/pytest -m "not gpu and not interpret and not cuda_ext"
-	$(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable
+	$(BIN)/pytest -m "not gpu and not interpret and not ext"
+	$(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "not slow and not ext"
 
 # Triton kernels on CPU tensors through the interpreter (tiny fp32 shapes).
 test-interpret: $(BIN)/.installed
 	TRITON_INTERPRET=1 $(BIN)/pytest -m "interpret and not gpu"
 
-test: lint test-cpu test-interpret
+# The optional compiled extension rotkern._C (its CPU path), built in place next to the sources (~1 min).
+ext: $(BIN)/.installed
+	ROTKERN_BUILD_EXT=1 ROTKERN_SKIP_CUDA_BUILD=1 $(BIN)/python setup.py -q build_ext --inplace
+
+# The extension against the eager reference; ROTKERN_REQUIRE_EXT=1 turns a broken build into failures, not skips.
+test-ext: ext
+	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -m "ext and not gpu"
+	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "ext and not slow"
+
+test: lint test-cpu test-interpret test-ext
 
 # On a GPU machine (its own torch/Triton, nothing installed): every test, the kernels on CUDA.
 test-gpu:
@@ -55,4 +64,4 @@ bench:
 	bash benchmarks/gpu_run.sh bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache rotkern/_C*.so

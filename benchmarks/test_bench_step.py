@@ -4,14 +4,19 @@
     pytest benchmarks/test_bench_step.py                        # CPU timings (never the performance claims:
                                                                 # those come from bench_step.py on a GPU)
     TRITON_INTERPRET=1 pytest benchmarks/test_bench_step.py -m interpret   # the fused step in the interpreter
+    pytest benchmarks/test_bench_step.py -m slow --benchmark-json=benchmarks/results/cpu_step.json
+                                                                # CPU timings at 10.3M params: eager vs ext
 
 Providers: torch.optim.AdamW (fused / foreach / for-loop), RotatedAdamW (eager) per scope, FusedRotatedAdamW
-per scope (Triton; on the CPU only under TRITON_INTERPRET=1). The parameter set is bench_step's dry-run GPT-2
-(one block, n_embd 32, 15,456 parameters) with block size 32.
+per scope with backend="triton" (on the CPU only under TRITON_INTERPRET=1) and backend="ext" (the compiled
+extension's CPU path; after ``make ext``). Sizes: ``tiny`` is bench_step's dry-run GPT-2 (one block, n_embd 32,
+15,456 parameters, block size 32); ``cpu`` (marked slow) is a 4-layer GPT with n_embd 384 and a vocabulary of
+8192 (10.3M parameters, block size 384).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import bench_step
@@ -20,9 +25,16 @@ import report
 import torch
 
 from rotkern import SCOPES, FusedRotatedAdamW, RotatedAdamW
-from rotkern._backend import interpret_mode
+from rotkern._backend import ext_available, interpret_mode
+from rotkern.trainers.models import GPTConfig
 
 BLOCK = bench_step.DRY.block_size
+CPU = dataclasses.replace(
+    bench_step.DRY,
+    block_size=384,
+    gpt=GPTConfig(block_size=256, vocab_size=8192, n_layer=4, n_head=6, n_embd=384, attention="math"),
+)
+SIZES = ["tiny", pytest.param("cpu", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +43,18 @@ def small():
     return bench_step.build_set("gpt2", bench_step.DRY, torch.device("cpu"))
 
 
-def _extra_info(benchmark, ps, provider: str, scope: str) -> None:
+@pytest.fixture(scope="module")
+def cpu_set():
+    torch.manual_seed(0)
+    return bench_step.build_set("gpt2", CPU, torch.device("cpu"))
+
+
+@pytest.fixture
+def sized(request, small):
+    return (small, BLOCK) if request.param == "tiny" else (request.getfixturevalue("cpu_set"), CPU.block_size)
+
+
+def _extra_info(benchmark, ps, provider: str, scope: str, block: int = BLOCK) -> None:
     env = bench_step.environment(torch.device("cpu"))
     benchmark.extra_info.update(
         provider=provider,
@@ -39,7 +62,8 @@ def _extra_info(benchmark, ps, provider: str, scope: str) -> None:
         params=ps.d,
         shapes=[list(p.shape) for p in ps.params],
         dtype="float32",
-        block_size=BLOCK,
+        block_size=block,
+        threads=torch.get_num_threads(),
         # bytes the step must move (28 per parameter); GB/s = this / the benchmark's mean time
         bytes_per_step=bench_step.BYTES_PER_PARAM * ps.d,
         **{k: env[k] for k in ("gpu", "torch", "triton", "git")},
@@ -64,20 +88,37 @@ def _run(benchmark, opt, ps) -> None:
     grads.release()
 
 
+@pytest.mark.parametrize("sized", SIZES, indirect=True)
 @pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
-def test_torch_adamw(benchmark, small, impl):
-    groups = [dict(g) for g in small.torch_groups]  # torch.optim fills its defaults into the dicts it gets
+def test_torch_adamw(benchmark, sized, impl):
+    ps, block = sized
+    groups = [dict(g) for g in ps.torch_groups]  # torch.optim fills its defaults into the dicts it gets
     opt = torch.optim.AdamW(groups, **bench_step.HYPER, **bench_step.ANCHORS[f"torch-{impl}"])
-    _extra_info(benchmark, small, f"torch-{impl}", "none")
-    _run(benchmark, opt, small)
+    _extra_info(benchmark, ps, f"torch-{impl}", "none", block)
+    _run(benchmark, opt, ps)
 
 
+@pytest.mark.parametrize("sized", SIZES, indirect=True)
 @pytest.mark.parametrize("scope", SCOPES)
-def test_rotated_eager(benchmark, small, scope):
-    groups = [dict(g) for g in small.rotated_groups]
-    opt = RotatedAdamW(groups, **bench_step.HYPER, rotation=scope, block_size=BLOCK)
-    _extra_info(benchmark, small, "rotated-eager", scope)
-    _run(benchmark, opt, small)
+def test_rotated_eager(benchmark, sized, scope):
+    ps, block = sized
+    groups = [dict(g) for g in ps.rotated_groups]
+    opt = RotatedAdamW(groups, **bench_step.HYPER, rotation=scope, block_size=block)
+    _extra_info(benchmark, ps, "rotated-eager", scope, block)
+    _run(benchmark, opt, ps)
+
+
+@pytest.mark.ext
+@pytest.mark.skipif(not ext_available(), reason="rotkern._C is not built (make ext)")
+@pytest.mark.parametrize("sized", SIZES, indirect=True)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_rotated_ext(benchmark, sized, scope):
+    ps, block = sized
+    groups = [dict(g) for g in ps.rotated_groups]
+    opt = FusedRotatedAdamW(groups, **bench_step.HYPER, rotation=scope, block_size=block, backend="ext")
+    _extra_info(benchmark, ps, "rotated-ext", scope, block)
+    _run(benchmark, opt, ps)
+    assert opt.backend_used == "ext"
 
 
 @pytest.mark.interpret

@@ -1,9 +1,10 @@
 """Backend selection: which implementation of a fused op runs for a given tensor.
 
-``ROTKERN_BACKEND`` (``auto`` | ``triton`` | ``eager``) overrides what the caller asked for. ``auto``
-picks Triton when it can run on the tensor and the eager reference otherwise, and logs that choice once;
-an explicit ``triton`` that cannot run raises and says why. Triton is imported lazily, so ``import
-rotkern`` works on machines without it.
+``ROTKERN_BACKEND`` (``auto`` | ``triton`` | ``ext`` | ``eager``) overrides what the caller asked for.
+``auto`` picks Triton when it can run on the tensor, else the compiled extension ``rotkern._C`` when it is
+built and has a path for the tensor's device, else the eager reference, and logs that choice once; an
+explicit ``triton`` or ``ext`` that cannot run raises and says why. Triton and the extension are imported
+lazily, so ``import rotkern`` works on machines with neither.
 
 Triton runs on CUDA tensors, or on CPU tensors under the interpreter (``TRITON_INTERPRET=1``, set before
 triton is imported). The interpreter is never used for CUDA tensors: rotkern's kernels read pointer
@@ -13,6 +14,7 @@ tables, which only hold valid addresses for the memory the program actually runs
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 
@@ -22,13 +24,16 @@ __all__ = [
     "BACKENDS",
     "PRECISIONS",
     "can_run_triton",
+    "ext_available",
     "interpret_mode",
+    "load_ext",
     "resolve_backend",
     "triton_available",
+    "why_not_ext",
     "why_not_triton",
 ]
 
-BACKENDS = ("auto", "triton", "eager")
+BACKENDS = ("auto", "triton", "ext", "eager")
 # tl.dot input precisions of the fused rotations (here so that callers need not import triton).
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
@@ -69,11 +74,49 @@ def can_run_triton(t: torch.Tensor) -> bool:
     return why_not_triton(t) is None
 
 
+@functools.cache
+def _ext_import_error() -> str | None:
+    if importlib.util.find_spec("rotkern._C") is None:
+        return "needs the compiled extension rotkern._C, which is not built (make ext)"
+    try:
+        from . import _C  # noqa: F401  (importing registers torch.ops.rotkern.*)
+    except ImportError as e:  # built against another torch, or a missing shared library
+        log.warning("rotkern: the compiled extension rotkern._C fails to import: %s", e)
+        return f"needs the compiled extension rotkern._C, which fails to import ({e}); rebuild it with make ext"
+    if hasattr(torch.library, "register_fake"):
+        # Shape-free and returns nothing: lets torch.compile trace a step that calls the op.
+        torch.library.register_fake("rotkern::rotated_adamw_unit_")(lambda *args, **kwargs: None)
+    return None
+
+
+def ext_available() -> bool:
+    """True when the compiled extension ``rotkern._C`` imports."""
+    return _ext_import_error() is None
+
+
+def load_ext() -> None:
+    """Import ``rotkern._C`` (registering ``torch.ops.rotkern.*``); raise RuntimeError if it cannot."""
+    reason = _ext_import_error()
+    if reason is not None:
+        raise RuntimeError(f"rotkern {reason}")
+
+
+def why_not_ext(t: torch.Tensor) -> str | None:
+    """None when the compiled extension can run on ``t``'s device, else the reason it cannot."""
+    reason = _ext_import_error()
+    if reason is not None:
+        return reason
+    if t.device.type != "cpu":
+        return f"has a CPU path only; {t.device.type} tensors use the Triton kernels"
+    return None
+
+
 def resolve_backend(requested: str, example: torch.Tensor) -> str:
-    """The backend that runs: ``"triton"`` or ``"eager"``.
+    """The backend that runs: ``"triton"``, ``"ext"`` or ``"eager"``.
 
     Args:
-        requested: ``auto`` | ``triton`` | ``eager``; the ``ROTKERN_BACKEND`` environment variable wins.
+        requested: ``auto`` | ``triton`` | ``ext`` | ``eager``; the ``ROTKERN_BACKEND`` environment variable
+            wins.
         example: a tensor the op will run on (its device decides).
     """
     env = os.environ.get("ROTKERN_BACKEND")
@@ -83,12 +126,17 @@ def resolve_backend(requested: str, example: torch.Tensor) -> str:
         raise ValueError(f"{source}={choice!r} is not one of {', '.join(map(repr, BACKENDS))}")
     if choice == "eager":
         return "eager"
-    reason = why_not_triton(example)
-    if choice == "triton":
+    if choice in ("triton", "ext"):
+        reason = why_not_triton(example) if choice == "triton" else why_not_ext(example)
         if reason is not None:
-            raise RuntimeError(f"{source}='triton' {reason}; got {example.device} params")
-        return "triton"
-    picked = "triton" if reason is None else "eager"
+            raise RuntimeError(f"{source}={choice!r} {reason}; got {example.device} params")
+        return choice
+    reason = why_not_triton(example)
+    picked = "triton"
+    if reason is not None:
+        ext_reason = why_not_ext(example)
+        picked = "ext" if ext_reason is None else "eager"
+        reason = None if ext_reason is None else f"{reason}; the extension {ext_reason}"
     key = (picked, example.device.type, reason)
     if key not in _logged:
         _logged.add(key)

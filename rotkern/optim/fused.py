@@ -1,4 +1,5 @@
-"""FusedRotatedAdamW: RotatedAdamW with the step fused into Triton kernels (``rotated_adamw_step``)."""
+"""FusedRotatedAdamW: RotatedAdamW with the step fused into Triton kernels (``rotated_adamw_step``), or into the
+compiled extension's CPU kernel (``rotated_adamw_step_ext``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from .._backend import BACKENDS, PRECISIONS, resolve_backend
+from ..scopes import SvdRotation
 from .rotated_adamw import RotatedAdamW
 
 __all__ = ["FusedRotatedAdamW"]
@@ -24,12 +26,19 @@ class FusedRotatedAdamW(RotatedAdamW):
         precision: ``tl.dot`` input precision of the rotations: ``tf32x3`` (default: fp32-level accuracy on
             tensor cores), ``ieee`` (true fp32, slow on tensor-core GPUs) or ``tf32`` (fastest; about 1e-3
             relative error in the rotated gradient).
-        backend: ``auto`` (Triton where it can run, else the eager reference; logged once), ``triton``
-            (raise if it cannot run) or ``eager``. The ``ROTKERN_BACKEND`` environment variable overrides it.
+        backend: ``auto`` (Triton where it can run, else the compiled extension where it is built and has a
+            path for the device, else the eager reference; logged once), ``triton`` or ``ext`` (raise if it
+            cannot run) or ``eager``. The ``ROTKERN_BACKEND`` environment variable overrides it.
 
     The Triton path needs every param of a group on one CUDA device (or the CPU under
     ``TRITON_INTERPRET=1``), contiguous params and grads, and fp32 moments (``compute_dtype=torch.float64``
     runs the eager reference under ``auto``).
+
+    ``rotation="svd"`` (paper Alg 5): the svd units (the group's matrices) always run the eager reference,
+    whatever ``backend`` says: their cost is the SVD and two matmuls / Householder products per matrix, torch
+    ops that cuSOLVER / cuBLAS run anyway. The group's other units (1-D params) take the selected backend as
+    in the other scopes; each param is stepped once. A step that ran svd units sets ``backend_used`` to
+    ``"eager"``.
     """
 
     def __init__(
@@ -49,13 +58,15 @@ class FusedRotatedAdamW(RotatedAdamW):
             raise ValueError(f"precision={precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
-        if backend == "triton" and kwargs.get("compute_dtype", torch.float32) != torch.float32:
-            raise ValueError("backend='triton' keeps fp32 moments; compute_dtype=torch.float64 needs backend='eager'")
+        if backend in ("triton", "ext") and kwargs.get("compute_dtype", torch.float32) != torch.float32:
+            raise ValueError(
+                f"backend={backend!r} keeps fp32 moments; compute_dtype=torch.float64 needs backend='eager'"
+            )
         self.precision = precision
         self.backend = backend
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
         self._plans = None  # per-optimizer cache of the kernels' metadata, made on the first Triton step
-        self.backend_used: str | None = None  # what the last step ran: "triton" or "eager"
+        self.backend_used: str | None = None  # what the last step ran: "triton", "ext" or "eager"
 
     def _step_device(self, p: torch.Tensor) -> torch.device:
         return p.device
@@ -63,17 +74,33 @@ class FusedRotatedAdamW(RotatedAdamW):
     def _rotated_adamw(
         self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, **kwargs
     ) -> None:
+        svd_kwargs = {k: kwargs.pop(k) for k in ("svd_bases", "svd_every") if k in kwargs}
+        svd_units = [u for u in units if isinstance(u.rotation, SvdRotation)]
+        if svd_units:
+            # rotation="svd": the matrices run the eager reference (SVD, matmuls); the rest of the group goes on
+            # below. svd units cover whole params, never shared with another unit: each param steps once.
+            state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+            super()._rotated_adamw(group, *state, svd_units, **kwargs, **svd_kwargs)
+            units = [u for u in units if not isinstance(u.rotation, SvdRotation)]
+            self.backend_used = "eager"
+            if not units:
+                return
         args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units)
         backend = resolve_backend(self.backend, params[units[0].params[0]])
-        if backend == "triton" and self.compute_dtype != torch.float32:
+        if backend != "eager" and self.compute_dtype != torch.float32:
             if os.environ.get("ROTKERN_BACKEND") or self.backend != "auto":
                 raise RuntimeError(
-                    "the Triton step keeps fp32 moments; compute_dtype=torch.float64 needs the eager backend"
+                    f"the {backend} step keeps fp32 moments; compute_dtype=torch.float64 needs the eager backend"
                 )
             backend = "eager"  # only the reference keeps fp64 moments
-        self.backend_used = backend
+        self.backend_used = "eager" if svd_units else backend
         if backend == "eager":
             super()._rotated_adamw(group, *args, **kwargs)
+            return
+        if backend == "ext":
+            from ..kernels.ext import rotated_adamw_step_ext
+
+            rotated_adamw_step_ext(*args, **kwargs)
             return
         from ..kernels._rotated_adamw_plan import PlanCache
         from ..kernels.rotated_adamw_step import rotated_adamw_step  # imports triton: only on this path

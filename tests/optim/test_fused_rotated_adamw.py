@@ -1,7 +1,8 @@
-"""FusedRotatedAdamW: the Triton step behind the RotatedAdamW interface.
+"""FusedRotatedAdamW: the Triton step (and the compiled extension's) behind the RotatedAdamW interface.
 
-Tests marked ``interpret`` run the kernels (CUDA, or the CPU under TRITON_INTERPRET=1); the backend
-selection and argument checks run anywhere.
+Tests marked ``interpret`` run the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1); those marked
+``ext`` run the compiled extension's CPU path (after ``make ext``); the backend selection and argument checks
+run anywhere. Tests that take ``backend`` run once per kernel backend.
 """
 
 import copy
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from rotkern import SCOPES, FusedRotatedAdamW, RotatedAdamW, _backend, param_groups_for
-from rotkern._backend import can_run_triton, resolve_backend, triton_available
+from rotkern._backend import can_run_triton, ext_available, resolve_backend, triton_available
 from rotkern.testing import assert_close_to_ref
 
 from ._models import MLP, TinyBlock, batch_for, loss_of
@@ -24,6 +25,13 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 needs_triton = pytest.mark.skipif(
     not (triton_available() and (INTERPRET or ON_GPU)), reason="needs triton and a CUDA GPU, or TRITON_INTERPRET=1"
 )
+needs_ext = pytest.mark.skipif(
+    not ext_available() or ON_GPU, reason="needs rotkern._C (make ext) and CPU tensors (its only path)"
+)
+BACKEND_PARAMS = [
+    pytest.param("triton", marks=[pytest.mark.interpret, needs_triton]),
+    pytest.param("ext", marks=[pytest.mark.ext, needs_ext]),
+]
 KW = dict(lr=1e-2, betas=(0.9, 0.95), block_size=5, seed=4)
 
 
@@ -42,8 +50,8 @@ def _batches(model, n, seed=0):
     ]
 
 
-def _pair(model_cls, scope, **kw):
-    """The same model twice, with RotatedAdamW and FusedRotatedAdamW (Triton backend)."""
+def _pair(model_cls, scope, backend="triton", **kw):
+    """The same model twice, with RotatedAdamW and FusedRotatedAdamW (``backend``)."""
     torch.manual_seed(0)
     m_ref = model_cls().to(DEVICE)
     m_fused = copy.deepcopy(m_ref)
@@ -51,7 +59,7 @@ def _pair(model_cls, scope, **kw):
     ref = RotatedAdamW(param_groups_for(m_ref, weight_decay=0.1), **opts)
     if torch.is_tensor(opts["lr"]):
         opts["lr"] = opts["lr"].clone()  # schedulers update a tensor lr in place: one per optimizer
-    fused = FusedRotatedAdamW(param_groups_for(m_fused, weight_decay=0.1), backend="triton", **opts)
+    fused = FusedRotatedAdamW(param_groups_for(m_fused, weight_decay=0.1), backend=backend, **opts)
     return m_ref, ref, m_fused, fused
 
 
@@ -72,30 +80,28 @@ def _roundtrip(sd):
 
 
 # %% against the eager reference ---------------------------------------------------------------------
-@pytest.mark.interpret
-@needs_triton
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("model_cls", [MLP, TinyBlock])
-def test_matches_rotated_adamw(scope, model_cls):
-    m_ref, ref, m_fused, fused = _pair(model_cls, scope, amsgrad=model_cls is TinyBlock)
+def test_matches_rotated_adamw(scope, model_cls, backend):
+    m_ref, ref, m_fused, fused = _pair(model_cls, scope, backend, amsgrad=model_cls is TinyBlock)
     batches = _batches(m_ref, 8)
     _train(m_ref, ref, batches)
     _train(m_fused, fused, batches)
     _assert_same_trajectory(m_ref, ref, m_fused, fused, f"{scope} {model_cls.__name__}")
     assert all(fused.state[p]["step"].device == p.device for p in m_fused.parameters())
-    assert fused.backend_used == "triton"
+    assert fused.backend_used == backend
 
 
-@pytest.mark.interpret
-@needs_triton
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_rotation_none_is_torch_adamw(amsgrad):
+def test_rotation_none_is_torch_adamw(amsgrad, backend):
     shapes = [(13, 7), (7,), (5, 3, 2), (3000,)]
     p_ref = [torch.randn(s, device=DEVICE) for s in shapes]
     p_ours = [p.clone() for p in p_ref]
     kw = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1, amsgrad=amsgrad, maximize=amsgrad)
     ref = torch.optim.AdamW(p_ref, foreach=False, **kw)
-    ours = FusedRotatedAdamW(p_ours, rotation="none", backend="triton", **kw)
+    ours = FusedRotatedAdamW(p_ours, rotation="none", backend=backend, **kw)
     for _ in range(10):
         for p, q in zip(p_ref, p_ours, strict=True):
             p.grad = torch.randn_like(p)
@@ -108,12 +114,11 @@ def test_rotation_none_is_torch_adamw(amsgrad):
             assert_close_to_ref(ours.state[a][key], ref.state[b][key], "identity_vs_torch", what=key)
 
 
-@pytest.mark.interpret
-@needs_triton
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("save_with, load_into", [("fused", "eager"), ("eager", "fused")])
-def test_state_dict_moves_between_eager_and_fused(save_with, load_into):
+def test_state_dict_moves_between_eager_and_fused(save_with, load_into, backend):
     classes = {"fused": FusedRotatedAdamW, "eager": RotatedAdamW}
-    extra = {"fused": dict(backend="triton"), "eager": {}}
+    extra = {"fused": dict(backend=backend), "eager": {}}
     opts = dict(KW, rotation="global", amsgrad=True)
     torch.manual_seed(0)
     model = TinyBlock().to(DEVICE)
@@ -138,12 +143,11 @@ def test_state_dict_moves_between_eager_and_fused(save_with, load_into):
     _assert_same_trajectory(m_a, o_a, m_b, o_b, f"{save_with} -> {load_into}")
 
 
-@pytest.mark.interpret
-@needs_triton
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("scope", ["global", "output"])
-def test_nan_grads_propagate_like_rotated_adamw(scope):
-    m_ref, ref, m_fused, fused = _pair(MLP, scope)
+def test_nan_grads_propagate_like_rotated_adamw(scope, backend):
+    m_ref, ref, m_fused, fused = _pair(MLP, scope, backend)
     for model, opt in ((m_ref, ref), (m_fused, fused)):
         for p in model.parameters():
             p.grad = torch.ones_like(p)
@@ -156,10 +160,9 @@ def test_nan_grads_propagate_like_rotated_adamw(scope):
     assert torch.isnan(m_fused.fc1.weight).any()
 
 
-@pytest.mark.interpret
-@needs_triton
-def test_tensor_lr_and_scheduler():
-    m_ref, ref, m_fused, fused = _pair(MLP, "output", lr=torch.tensor(1e-2, device=DEVICE))
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_tensor_lr_and_scheduler(backend):
+    m_ref, ref, m_fused, fused = _pair(MLP, "output", backend, lr=torch.tensor(1e-2, device=DEVICE))
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (ref, fused)]
     batches = _batches(m_ref, 5)
     for b in batches:
@@ -214,6 +217,8 @@ def test_backend_resolution(monkeypatch, caplog):
     monkeypatch.delenv("ROTKERN_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_backend, "_logged", set())
+    unbuilt = "needs the compiled extension rotkern._C, which is not built (make ext)"
+    monkeypatch.setattr(_backend, "_ext_import_error", lambda: unbuilt)
     cpu = torch.zeros(1)
     assert not can_run_triton(cpu)
     assert resolve_backend("eager", cpu) == "eager"
@@ -221,8 +226,17 @@ def test_backend_resolution(monkeypatch, caplog):
         assert resolve_backend("auto", cpu) == "eager"
         assert resolve_backend("auto", cpu) == "eager"
     assert [r.getMessage() for r in caplog.records if "picked" in r.getMessage()] == [
-        "rotkern: backend 'auto' picked eager for cpu tensors (needs CUDA tensors (or TRITON_INTERPRET=1))"
+        "rotkern: backend 'auto' picked eager for cpu tensors (needs CUDA tensors (or TRITON_INTERPRET=1); "
+        f"the extension {unbuilt})"
     ]
+    with pytest.raises(RuntimeError, match=r"backend='ext' needs the compiled extension rotkern._C, which is not"):
+        resolve_backend("ext", cpu)
+    # A built extension: auto prefers it to the eager reference on CPU tensors, never to Triton.
+    monkeypatch.setattr(_backend, "_ext_import_error", lambda: None)
+    assert resolve_backend("auto", cpu) == "ext" and resolve_backend("ext", cpu) == "ext"
+    with pytest.raises(RuntimeError, match="has a CPU path only"):
+        resolve_backend("ext", torch.zeros(1, device="meta"))
+    monkeypatch.setattr(_backend, "_ext_import_error", lambda: unbuilt)
     with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors \(or TRITON_INTERPRET=1\); got cpu"):
         resolve_backend("triton", cpu)
     monkeypatch.setenv("ROTKERN_BACKEND", "eager")

@@ -1,0 +1,156 @@
+"""The compiled extension's rotated AdamW step: :func:`rotated_adamw_ref`'s signature, in C++ (csrc/).
+
+``torch.ops.rotkern.rotated_adamw_unit_`` steps one rotation unit; this launcher advances the steps and calls
+it once per unit. The math is the reference's (SPEC section 1): per block of n coordinates, gather the
+gradient through pi, rotate it (``X R^T``, a BLAS GEMM over a tile of blocks), update Adam's moments in the
+rotated layout, rotate the update back (``U R``) and scatter it through pi with decoupled weight decay. Tiles
+run in parallel over the CPU's threads (``torch.get_num_threads()``); memory beyond the caller's tensors is
+two tile buffers per thread, never a d-sized temporary.
+
+The extension is optional: build it with ``make ext``. Today it has a CPU path only; CUDA tensors use the
+Triton kernels (``rotkern.kernels.rotated_adamw_step``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from .._backend import load_ext, why_not_ext
+from ..scopes import Unit
+
+__all__ = ["rotated_adamw_step_ext"]
+
+_LAYOUT = {"identity": 0, "flat": 0, "rows": 1, "cols": 2}
+
+
+def rotated_adamw_step_ext(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None,
+    state_steps: Sequence[torch.Tensor],
+    units: Sequence[Unit],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay_mask: Sequence[bool] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One rotated AdamW step in place, through the compiled extension (see the module docstring).
+
+    Args: as :func:`rotkern.kernels.reference.rotated_adamw_ref`; ``lr`` may be a float or a scalar tensor.
+    Requirements: CPU tensors, contiguous params and grads, fp32 moments, fp32 scalar CPU steps; the members
+    of one unit share their param dtype and their grad dtype.
+    """
+    units = list(units)
+    if not units:
+        return
+    touched = list(dict.fromkeys(i for u in units for i in u.params))
+    reason = why_not_ext(params[touched[0]])
+    if reason is not None:
+        raise RuntimeError(f"rotated_adamw_step_ext {reason}; got {params[touched[0]].device} params")
+    load_ext()
+    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps, touched)
+    lr_t = lr.detach().to("cpu", torch.float64) if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64)
+    # Each param steps once, even when it is split over several units (q/k/v), as in the reference.
+    torch._foreach_add_([state_steps[i] for i in touched], 1.0)
+    op = torch.ops.rotkern.rotated_adamw_unit_
+    for unit in units:
+        members, segs, layout, rot = _describe(unit, decay_mask)
+        op(
+            [params[i] for i in members],
+            [grads[i] for i in members],
+            [exp_avgs[i] for i in members],
+            [exp_avg_sqs[i] for i in members],
+            [max_exp_avg_sqs[i] for i in members] if amsgrad else [],
+            state_steps[members[0]],
+            lr_t,
+            *segs,
+            layout,
+            unit.width,
+            unit.shape[0],
+            unit.shape[1],
+            *rot,
+            float(beta1),
+            float(beta2),
+            float(eps),
+            float(weight_decay),
+            bool(amsgrad),
+            bool(maximize),
+        )
+
+
+_DESCRIPTIONS: OrderedDict = OrderedDict()
+
+
+def _describe(unit: Unit, decay_mask: Sequence[bool] | None):
+    """The op's per-unit arguments (cached: units and their rotations do not change between steps)."""
+    decays = tuple(1 if decay_mask is None or decay_mask[s.param] else 0 for s in unit.segments)
+    key = (id(unit), decays)
+    hit = _DESCRIPTIONS.get(key)
+    if hit is not None and hit[0] is unit:
+        _DESCRIPTIONS.move_to_end(key)
+        return hit[1]
+    members = unit.params
+    local = {p: k for k, p in enumerate(members)}
+    segs = (
+        [local[s.param] for s in unit.segments],
+        [s.start for s in unit.segments],
+        [s.numel for s in unit.segments],
+        list(decays),
+    )
+    r = unit.rotation
+    if r is None:
+        rot = (1, None, None, None)
+    else:
+        blocks = (r.block(torch.float32, "cpu"), r.residual_block(torch.float32, "cpu"))
+        rot = (r.block_size, r.permutation("cpu"), *blocks)
+    desc = (members, segs, _LAYOUT[unit.layout], rot)
+    _DESCRIPTIONS[key] = (unit, desc)
+    if len(_DESCRIPTIONS) > 4096:
+        _DESCRIPTIONS.popitem(last=False)
+    return desc
+
+
+def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, touched) -> None:
+    """Clear errors naming the param; the op re-checks what it relies on, with terser messages."""
+    first = params[touched[0]]
+    for i in touched:
+        checks = [("param", params[i], None), ("grad", grads[i], params[i].shape)]
+        checks += [(n, ts[i], params[i].shape) for n, ts in
+                   (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs), ("max_exp_avg_sq", max_exp_avg_sqs))
+                   if ts is not None]  # fmt: skip
+        for name, t, shape in checks:
+            if t is None:
+                raise ValueError(f"param {i}: {name} is None; every member of a stepped unit needs one")
+            if t.device != first.device:
+                raise ValueError(f"param {i}: {name} is on {t.device} but param {touched[0]} is on {first.device}")
+            if shape is not None and t.shape != shape:
+                raise ValueError(f"param {i}: {name} has shape {tuple(t.shape)}, the param {tuple(shape)}")
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"param {i}: {name} is not contiguous; the extension indexes flat memory "
+                    "(make the param contiguous, or use backend='eager')"
+                )
+            if not t.is_floating_point() or t.dtype not in _DTYPES:
+                raise ValueError(f"param {i}: {name} has dtype {t.dtype}; expected one of {sorted(map(str, _DTYPES))}")
+            if name.startswith(("exp_", "max_")) and t.dtype != torch.float32:
+                raise ValueError(
+                    f"param {i}: {name} is {t.dtype}; the extension keeps fp32 moments (compute_dtype=torch.float64 "
+                    "needs backend='eager')"
+                )
+        s = state_steps[i]
+        if s is None or s.device.type != "cpu" or s.dtype != torch.float32 or s.numel() != 1:
+            got = "None" if s is None else f"{s.dtype} on {s.device} with {s.numel()} elements"
+            raise ValueError(f"param {i}: state step must be a float32 CPU scalar; got {got}")
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
