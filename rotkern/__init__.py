@@ -9,11 +9,12 @@ paper's analysis metrics.
 from . import metrics
 from .optim import FusedRotatedAdamW, RotatedAdamW, RotatedSGD
 from .rotations import MAX_BLOCK_SIZE, BlockRotation, Stream, haar_orthogonal, random_permutation
-from .scopes import SCOPES, Unit, build_units, param_groups_for
+from .scopes import ALL_SCOPES, SCOPES, Unit, build_units, param_groups_for
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_SCOPES",
     "MAX_BLOCK_SIZE",
     "SCOPES",
     "BlockRotation",
