@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..scopes import SCOPES
+from ..scopes import ALL_SCOPES
 from .common import TrainerError, ema
 from .train import TrainConfig, train
 
@@ -64,9 +64,9 @@ def slowdowns(curves: dict[str, list[float]], baseline: str, decay: float) -> di
 
 def compare(cfg: CompareConfig) -> dict:
     scopes = [s.strip() for s in cfg.scopes.split(",") if s.strip()]
-    bad = [s for s in scopes if s not in SCOPES]
+    bad = [s for s in scopes if s not in ALL_SCOPES]
     if not scopes or bad:
-        raise TrainerError(f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty'}; choose from {', '.join(SCOPES)}")
+        raise TrainerError(f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty'}; choose from {', '.join(ALL_SCOPES)}")
     if cfg.optimizer not in ("rotated-eager", "rotated-fused"):
         raise TrainerError(f"compare runs rotated AdamW under each scope; --optimizer={cfg.optimizer} has no scope")
     if not 0.0 <= cfg.ema < 1.0:

@@ -24,9 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..scopes import SCOPES, param_groups_for
+from ..scopes import ALL_SCOPES, param_groups_for
 from .common import JsonlLog, TrainerError, atomic_save, header
-from .data import ImageData, TextData, load_images, load_text
+from .data import (
+    BatchLoader,
+    ImageData,
+    TextData,
+    auto_workers,
+    load_images,
+    load_text,
+    train_loader,
+    worker_failure,
+)
 from .models import ATTENTION_BACKENDS, MODELS, GPTConfig, build_model, model_config, model_kind
 
 OPTIMIZERS = ("adamw", "rotated-eager", "rotated-fused", "sgdm")
@@ -41,12 +50,15 @@ class TrainConfig:
     model: str = "gpt-tiny"  # gpt2-124m | gpt-tiny | vit-s16 | vit-tiny | resnet50 | resnet18 | resnet-tiny
     data: str = ""  # "" = embedded (stdlib text / digits or synthetic images); file, folder, train.bin+val.bin folder
     data_max_bytes: int = 4_000_000  # cap on the text read from files (train + val)
+    workers: int = -1  # batch-decoding processes; 0 = in this process; -1 = min(8, CPUs) for image folders, else 0
+    prefetch: int = 2  # batches each worker decodes ahead
     context: int = 0  # GPT sequence length; 0 = the model's
     attention: str = "math"  # SDPA backend: math (the paper ran without FlashAttention) | auto | flash | efficient
     # --- optimizer
     optimizer: str = "rotated-eager"  # adamw (torch) | rotated-eager (RotatedAdamW) | rotated-fused | sgdm (torch)
-    rotation: str = "global"  # none | global | layer | output | input
+    rotation: str = "global"  # none | global | layer | output | input | svd
     block_size: int = 768  # Haar block size n (the paper's)
+    svd_every: int = 250  # rotation=svd: steps between SVD basis recomputes (F; the paper's 250)
     precision: str = "tf32x3"  # rotated-fused dot precision: ieee | tf32x3 | tf32
     backend: str = "auto"  # rotated-fused backend (see rotkern._backend)
     lr: float = 3e-3  # peak learning rate
@@ -138,20 +150,22 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
     choices = {
         "model": tuple(MODELS),
         "optimizer": OPTIMIZERS,
-        "rotation": SCOPES,
+        "rotation": ALL_SCOPES,
         "precision": PRECISIONS,
         "attention": ATTENTION_BACKENDS,
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise TrainerError(f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("steps", "batch_size", "grad_accum"):
+    for key in ("steps", "batch_size", "grad_accum", "svd_every"):
         if getattr(cfg, key) < 1:
             raise TrainerError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.grad_accum % world:
         raise TrainerError(f"--grad_accum={cfg.grad_accum} is not a multiple of the world size {world}")
     if cfg.stop_step < 0 or cfg.stop_step > cfg.steps:
         raise TrainerError(f"--stop_step={cfg.stop_step} must lie in [0, steps={cfg.steps}]")
+    if cfg.workers < -1 or cfg.prefetch < 1:
+        raise TrainerError(f"--workers={cfg.workers} must be >= -1 and --prefetch={cfg.prefetch} >= 1")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -177,6 +191,7 @@ class Setup:
     context: int
     rank: int = 0
     world: int = 1
+    loader: BatchLoader | None = None  # batches decoded ahead in worker processes (start_loader)
 
     @property
     def kind(self) -> str:
@@ -198,10 +213,41 @@ class Setup:
         return build_model(self.model_cfg).to(self.device)
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.data.batch(
-            step, micro, self.rank, self.world, self.cfg.batch_size, self.global_rows, self.context, self.cfg.seed
-        )
+        if self.loader is not None:
+            x, y = self.loader.get((step, micro))
+        else:
+            x, y = self.data.batch(
+                step, micro, self.rank, self.world, self.cfg.batch_size, self.global_rows, self.context, self.cfg.seed
+            )
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    @property
+    def workers(self) -> int:
+        return auto_workers(self.data) if self.cfg.workers < 0 else self.cfg.workers
+
+    def start_loader(self, start: int, stop: int) -> None:
+        """With workers > 0, decode the micro-batches of steps [start, stop) ahead in worker processes; batch()
+        then hands them out (the same tensors as in-process, bit for bit). Pair with stop_loader()."""
+        if self.workers > 0 and start < stop:
+            self.loader = train_loader(
+                self.data,
+                range(start, stop),
+                self.cfg.grad_accum // self.world,
+                self.rank,
+                self.world,
+                self.cfg.batch_size,
+                self.global_rows,
+                self.context,
+                self.cfg.seed,
+                workers=self.workers,
+                prefetch=self.cfg.prefetch,
+                pin_memory=self.device.type == "cuda",
+            )
+
+    def stop_loader(self) -> None:
+        loader, self.loader = self.loader, None
+        if loader is not None:
+            loader.close()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -287,7 +333,7 @@ def make_optimizer(
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if name == "sgdm":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    rot = dict(rotation=cfg.rotation, block_size=cfg.block_size, seed=cfg.seed)
+    rot = dict(rotation=cfg.rotation, block_size=cfg.block_size, seed=cfg.seed, svd_every=cfg.svd_every)
     if name == "rotated-eager":
         from ..optim import RotatedAdamW
 
@@ -393,7 +439,10 @@ def evaluate(s: Setup, model: nn.Module) -> dict[str, float]:
     if s.kind == "text":
         batches = (s.data.val_batch(i, s.cfg.batch_size, s.context) for i in range(max(s.cfg.eval_batches, 1)))
     else:
-        batches = s.data.val_batches(s.cfg.batch_size, s.cfg.eval_batches)
+        pin = s.device.type == "cuda"
+        batches = s.data.val_batches(
+            s.cfg.batch_size, s.cfg.eval_batches, workers=s.workers, prefetch=s.cfg.prefetch, pin_memory=pin
+        )
     for x, y in batches:
         x, y = x.to(s.device), y.to(s.device)
         with s.autocast():
@@ -494,6 +543,11 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(cfg, rank, world, local_rank, on_step)
+    except RuntimeError as e:
+        failure = worker_failure(e)  # a data-loading worker died: one error line, not a traceback
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -545,6 +599,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
     records, evals = [], []
     t_start = time.perf_counter()
     try:
+        s.start_loader(start, stop)
         for step in range(start, stop):
             rec = train_step(s, net, opt, step)
             if step == start:
@@ -590,6 +645,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             final["checkpoint"] = str(ckpt_path)
         log.write(final)
     finally:
+        s.stop_loader()
         log.close()
     return {
         "records": records,
