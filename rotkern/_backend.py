@@ -28,6 +28,7 @@ __all__ = [
     "interpret_mode",
     "load_ext",
     "resolve_backend",
+    "warn_fallback",
     "triton_available",
     "why_not_ext",
     "why_not_triton",
@@ -137,9 +138,28 @@ def resolve_backend(requested: str, example: torch.Tensor) -> str:
         ext_reason = why_not_ext(example)
         picked = "ext" if ext_reason is None else "eager"
         reason = None if ext_reason is None else f"{reason}; the extension {ext_reason}"
+    if picked == "eager":
+        warn_fallback("auto", reason, example.device.type)
+        return picked
     key = (picked, example.device.type, reason)
     if key not in _logged:
         _logged.add(key)
         why = f" ({reason})" if reason else ""
         log.info("rotkern: backend 'auto' picked %s for %s tensors%s", picked, example.device.type, why)
     return picked
+
+
+def warn_fallback(wanted: str, reason: str | None, device: str = "") -> None:
+    """Say once, at WARNING, that ``backend='auto'`` runs the eager reference instead of ``wanted``, and why."""
+    key = ("eager", wanted, device, reason)
+    if key in _logged:
+        return
+    _logged.add(key)
+    where = f" for {device} tensors" if device else ""
+    log.warning(
+        "rotkern: backend 'auto' runs the eager reference%s instead of %s: %s. The result is the same, slower; "
+        "pass backend='eager' to choose it explicitly (and silence this).",
+        where,
+        "a fused backend" if wanted == "auto" else wanted,
+        reason,
+    )

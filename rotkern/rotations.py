@@ -219,15 +219,23 @@ class BlockRotation:
         return {"length": self.length, "block_size": self.block_size, "seed": self.seed, "perm": self.perm_stream}
 
     # -- action on row vectors ----------------------------------------------------------------------
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """y = B(pi x) for every row. x: (..., L) -> (..., L)."""
-        return self._apply(x, forward=True)
+    def rotate(self, x: torch.Tensor, *, squared: bool = False) -> torch.Tensor:
+        """y = B(pi x) for every row. x: (..., L) -> (..., L).
 
-    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
-        """x = pi^-1(B^T y) for every row; the inverse of :meth:`rotate`. y: (..., L) -> (..., L)."""
-        return self._apply(y, forward=False)
+        ``squared=True`` applies the element-wise square of the matrix instead, ``(B o B)(pi x)``: the map that
+        carries second moments (non-negative stays non-negative; exact for a diagonal covariance) into the
+        rotated basis. It is not orthogonal and not inverted by ``unrotate(squared=True)``.
+        """
+        return self._apply(x, forward=True, squared=squared)
 
-    def _apply(self, x: torch.Tensor, forward: bool) -> torch.Tensor:
+    def unrotate(self, y: torch.Tensor, *, squared: bool = False) -> torch.Tensor:
+        """x = pi^-1(B^T y) for every row; the inverse of :meth:`rotate`. y: (..., L) -> (..., L).
+
+        ``squared=True``: ``pi^-1((B o B)^T y)``, second moments back to the standard basis.
+        """
+        return self._apply(y, forward=False, squared=squared)
+
+    def _apply(self, x: torch.Tensor, forward: bool, squared: bool = False) -> torch.Tensor:
         if x.shape[-1] != self.length:
             raise ValueError(f"BlockRotation of length {self.length} applied to a tensor of shape {tuple(x.shape)}")
         dev, dt = x.device, x.dtype
@@ -238,6 +246,8 @@ class BlockRotation:
         full = self.num_blocks * self.block_size
         out = torch.empty_like(x)
         r_n, r_p = self.block(dt, dev), self.residual_block(dt, dev)
+        if squared:
+            r_n, r_p = (None if r is None else r.square() for r in (r_n, r_p))
         # Row-vector form: y = x R^T rotates, x = y R un-rotates.
         if r_n is not None:
             xb = x[:, :full].reshape(-1, self.block_size)

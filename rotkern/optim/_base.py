@@ -1,11 +1,36 @@
-"""Machinery shared by the rotated optimizers: rotation options per param group, units, checks,
-state_dict round-trips and the dense-matrix testing oracle."""
+"""Machinery shared by the rotated optimizers: the torch.optim contract kept in one place (param groups,
+validation before mutation, frozen and zero-size params, odd layouts, copies, state_dict round-trips) and the
+dense-matrix testing oracle. Backends only compute: they receive contiguous tensors, one dtype pair per unit
+where they need it, and a gradient for every member of every unit they step.
+
+Rules a user can observe (each is a test in tests/optim/test_torch_parity.py):
+
+- A parameter whose ``.grad`` is None at a step is not modified (no update, no weight decay). When no member of
+  a unit has a gradient the unit is skipped and its state is untouched, exactly as torch.optim.AdamW skips the
+  parameter. In the global scope, where one unit holds many parameters, a member without a gradient while
+  others have one takes a zero gradient inside the shared rotation (the gradient of a loss that does not depend
+  on it): the unit's moments, stored in chunks under every member's state, advance as one vector with one step
+  count, and the member's values stay as they were.
+- Frozen parameters (an ``nn.Parameter`` with ``requires_grad=False`` when its group is added, or a group's
+  explicit ``frozen`` list) are invisible to the others: they stay outside the shared global rotation and their
+  units come last, so the rotations the other parameters see, and their trajectory, are those of an optimizer
+  built without them. Each keeps the units its scope gives it (in the global scope, a rotation of its own),
+  which act if it is unfrozen later. Plain tensors are never taken as frozen: optimizers are routinely handed
+  plain tensors whose ``.grad`` is set by hand.
+- Zero-size parameters (what FSDP2 leaves on tail ranks) belong to no unit: their state is created and their
+  step counted as torch does, nothing else happens.
+- Non-contiguous parameters (transposed views, ``channels_last`` kernels) are optimised on their logical shape:
+  the result equals that of a contiguous copy. Moments are stored contiguous.
+- Every check of a call runs before anything is changed, so a refused ``add_param_group``, ``step`` or
+  ``load_state_dict`` leaves the optimizer exactly as it was.
+"""
 
 from __future__ import annotations
 
-import itertools
+import logging
 import numbers
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,15 +49,33 @@ from ..scopes import (
     unit_index_map,
 )
 
-STATE_DICT_FORMAT = 1
+log = logging.getLogger("rotkern")
+_warned: set[tuple] = set()
 
 # Group keys that decide the units (cached per group; they may not change once the moments exist).
-UNIT_KEYS = ("rotation", "block_size", "seed", "split_qkv", "embedding", "vectors", "roles", "shapes")
+UNIT_KEYS = ("rotation", "block_size", "seed", "split_qkv", "embedding", "vectors", "roles", "shapes", "frozen")
 # Group keys that decide which basis the moments live in: a checkpoint must agree on all of them. svd_every
 # only sets when the next SVD basis is computed, so it may change between steps of a live optimizer; it is
 # compared only for rotation="svd" groups (checkpoints older than the svd scope lack it).
 SPEC_KEYS = UNIT_KEYS + ("svd_every",)
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+# Scopes whose units depend on roles that only names reveal (fused QKV, embeddings).
+_ROLE_SCOPES = ("layer", "output", "input", "svd")
+
+
+@dataclass
+class GroupStep:
+    """What one param group's step will do, decided (and checked) before anything is mutated."""
+
+    gi: int
+    group: dict
+    grads: list  # per param: its grad, or None
+    units: list[Unit]  # units with at least one gradient
+    touched: list[int]  # members of those units, in order
+    absent: list[int]  # touched members without a gradient (zero gradient, values kept)
+    empty: list[int]  # zero-size params with a gradient (state and step only)
+    backend: str = "eager"
+    extra: dict = field(default_factory=dict)
 
 
 class RotatedOptimizerBase(Optimizer):
@@ -44,41 +87,105 @@ class RotatedOptimizerBase(Optimizer):
         svd_every: F, the SVD basis period of the ``svd`` scope (optimizers that support it).
         block_size, seed: Haar block size n and the rotation seed.
         split_qkv, embedding, vectors: scope options (see :mod:`rotkern.scopes`).
-        names, roles: optional per-parameter names and roles (see :func:`rotkern.param_groups_for`).
+        names, roles: optional per-parameter names and roles (see :func:`rotkern.param_groups_for`); params
+            given as ``(name, tensor)`` pairs also get torch's ``param_names``.
         decay_mask: optional per-parameter bools; False disables weight decay for that parameter.
-        shapes: recorded at construction; a parameter that changes shape afterwards is an error.
+        frozen: per-parameter bools, recorded when the group is added (``nn.Parameter`` with
+            ``requires_grad=False``) unless given; frozen params stay outside the global scope's shared unit.
+        shapes: recorded when the group is added; a parameter that changes shape afterwards is an error.
     """
 
     _moment_keys: tuple[str, ...] = ()
     # Whether the step implements rotation="svd" (it needs the basis recompute in the step).
     _supports_svd = False
+    # Attributes beyond torch's defaults/state/param_groups that copies (deepcopy, pickle) must keep.
+    _config_attrs: tuple[str, ...] = ("compute_dtype",)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], compute_dtype: torch.dtype) -> None:
         if compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
         self.compute_dtype = compute_dtype
         self._unit_cache: dict[int, tuple[tuple, tuple, list[Unit]]] = {}
-        params = _normalise_params(params)
-        super().__init__(params, defaults)
+        super().__init__(_normalise_params(params), defaults)
+
+    # -- copies ---------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._config_attrs})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("compute_dtype", torch.float32)
+        # Units hold caches bound to this object's state (svd bases); copies rebuild their own.
+        self._unit_cache = {}
+        for group in self.param_groups:
+            group.setdefault("frozen", [False] * len(group["params"]))
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32, device=self._step_device(p))
 
     # -- groups ---------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
+        """Add a param group (torch semantics), with rotkern's options checked first.
+
+        Every check runs, and the group's rotation units are built, before the group is added: a refused group
+        leaves the optimizer as it was. The caller's dict is not modified.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        group = dict(param_group)
         params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of tensors "
+                "in sets will change between runs. Please use a list instead."
+            )
+        else:
+            params = list(params)
+        if any(isinstance(p, tuple) for p in params):
+            if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            group["param_names"] = [n for n, _ in params]
+            group.setdefault("names", list(group["param_names"]))
+            params = [p for _, p in params]
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
+            if not self.defaults.get("differentiable", None) and not (p.is_leaf or p.retains_grad):
+                raise ValueError("can't optimize a non-leaf Tensor")
+        group["params"] = params
+        gi = len(self.param_groups)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        self._check_group_options(gi, group)
+        units = self._build_units(gi, group)
+        super().add_param_group(group)  # torch's own checks (a param in two groups ...) run before it appends
+        self._cache_units(gi, group, units)
+
+    def _check_group_options(self, gi: int, group: dict[str, Any]) -> None:
+        """Validate a candidate group's hyperparameters and rotation options and fill in its recorded keys."""
+        params = group["params"]
+        self._check_hyperparameters(group, f"param group {gi}: ")
+        for key in ("names", "roles", "decay_mask", "frozen"):
+            if group.get(key) is not None:
+                group[key] = list(group[key])
+                if len(group[key]) != len(params):
+                    raise ValueError(
+                        f"param group {gi}: '{key}' has {len(group[key])} entries for {len(params)} params"
+                    )
         names = group.get("names")
-        for key in ("names", "roles", "decay_mask"):
-            if group.get(key) is not None and len(group[key]) != len(params):
-                raise ValueError(f"param group {gi}: '{key}' has {len(group[key])} entries for {len(params)} params")
         for i, p in enumerate(params):
-            label = _label(names, gi, i)
             if p.is_complex():
                 raise ValueError(
-                    f"{label}: complex parameters are not supported; optimise torch.view_as_real(p) instead"
+                    f"{_label(names, gi, i)}: complex parameters are not supported; optimise torch.view_as_real(p) "
+                    "instead"
                 )
             if not p.is_floating_point():
-                raise ValueError(f"{label}: dtype {p.dtype} is not a floating-point dtype")
+                raise ValueError(f"{_label(names, gi, i)}: dtype {p.dtype} is not a floating-point dtype")
         if group["rotation"] not in ALL_SCOPES:
             raise ValueError(f"param group {gi}: unknown rotation {group['rotation']!r}; choose one of {ALL_SCOPES}")
         if group["rotation"] == "svd" and not self._supports_svd:
@@ -89,23 +196,55 @@ class RotatedOptimizerBase(Optimizer):
         if "svd_every" in group:
             check_svd_every(group["svd_every"], f"param group {gi}: svd_every")
         check_block_size(group["block_size"], f"param group {gi}: block_size")
-        if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
+        if isinstance(group["seed"], bool) or not isinstance(group["seed"], numbers.Integral):
             raise ValueError(f"param group {gi}: seed must be an int, got {group['seed']!r}")
         if group["embedding"] not in EMBEDDING_ORIENTATIONS:
             raise ValueError(f"param group {gi}: embedding={group['embedding']!r}, not one of {EMBEDDING_ORIENTATIONS}")
         if group["vectors"] not in VECTOR_POLICIES:
             raise ValueError(f"param group {gi}: vectors={group['vectors']!r}, not one of {VECTOR_POLICIES}")
-        shapes = [tuple(p.shape) for p in params]
-        group["shapes"] = [list(s) for s in shapes]
+        if isinstance(group["split_qkv"], torch.Tensor) or not isinstance(group["split_qkv"], bool):
+            raise ValueError(f"param group {gi}: split_qkv must be a bool, got {group['split_qkv']!r}")
+        group["shapes"] = [list(p.shape) for p in params]
+        if group.get("frozen") is None:
+            group["frozen"] = [isinstance(p, torch.nn.Parameter) and not p.requires_grad for p in params]
+        group["frozen"] = [bool(f) for f in group["frozen"]]
         if group.get("roles") is None:
-            group["roles"] = infer_roles([torch.Size(s) for s in shapes], names)
+            group["roles"] = infer_roles([p.shape for p in params], names)
+            if names is None and group["rotation"] in _ROLE_SCOPES:
+                _warn_roles_guessed(gi, group)
         for i, r in enumerate(group["roles"]):
             if r not in ROLES:
                 raise ValueError(f"{_label(names, gi, i)}: unknown role {r!r}; choose one of {ROLES}")
         group.setdefault("names", None)
         group.setdefault("decay_mask", None)
-        # Build now so that a bad scope option fails at construction, not at the first step.
-        self.units(gi)
+
+    def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
+        """Subclasses check their hyperparameters (torch.optim's messages) for every group."""
+
+    def _build_units(self, gi: int, group: dict[str, Any]) -> list[Unit]:
+        units = build_units(
+            [torch.Size(s) for s in group["shapes"]],
+            group["rotation"],
+            block_size=group["block_size"],
+            seed=group["seed"],
+            roles=group["roles"],
+            names=group["names"],
+            split_qkv=group["split_qkv"],
+            embedding=group["embedding"],
+            vectors=group["vectors"],
+            frozen=group["frozen"],
+        )
+        return units
+
+    def _cache_units(self, gi: int, group: dict[str, Any], units: list[Unit]) -> None:
+        values = [group.get(k) for k in UNIT_KEYS]
+        quick = tuple(id(v) if isinstance(v, list) else v for v in values)
+        spec = tuple(_freeze(v) for v in values)
+        # svd units read their current bases from this optimizer's state (for rotate(x) outside the step).
+        for unit in units:
+            if isinstance(unit.rotation, SvdRotation):
+                unit.rotation.bind(self.state, group["params"][unit.params[0]])
+        self._unit_cache[gi] = (quick, spec, units)
 
     def units(self, group_index: int) -> list[Unit]:
         """The rotation units of a param group (cached; rebuilt only if its rotation options change)."""
@@ -126,25 +265,101 @@ class RotatedOptimizerBase(Optimizer):
                 f"param group {group_index}: rotation options changed after the optimizer took a step; the "
                 "moments live in the old basis. Build a new optimizer instead."
             )
-        units = build_units(
-            [torch.Size(s) for s in group["shapes"]],
-            group["rotation"],
-            block_size=group["block_size"],
-            seed=group["seed"],
-            roles=group["roles"],
-            names=group["names"],
-            split_qkv=group["split_qkv"],
-            embedding=group["embedding"],
-            vectors=group["vectors"],
-        )
-        # svd units read their current bases from this optimizer's state (for rotate(x) outside the step).
-        for unit in units:
-            if isinstance(unit.rotation, SvdRotation):
-                unit.rotation.bind(self.state, group["params"][unit.params[0]])
-        self._unit_cache[group_index] = (quick, spec, units)
+        units = self._build_units(group_index, group)
+        self._cache_units(group_index, group, units)
         return units
 
-    # -- per-step checks ------------------------------------------------------------------------------
+    def rotated_params(self, group_index: int) -> set[int]:
+        """Indices of the group's params whose state lives in a rotated basis (members of a rotated unit)."""
+        group = self.param_groups[group_index]
+        if group["rotation"] == "none":
+            return set()
+        return {i for u in self.units(group_index) if u.rotation is not None for i in u.params}
+
+    # -- step: plan (checks only), then run --------------------------------------------------------------
+    def _plan_steps(self) -> list[GroupStep]:
+        """Check every group and decide what its step does; nothing is mutated here."""
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            plan = self._plan_group(gi, group)
+            if plan is not None:
+                plans.append(plan)
+        return plans
+
+    def _plan_group(self, gi: int, group: dict) -> GroupStep | None:
+        grads = self._check_group(gi, group)
+        params = group["params"]
+        empty = [i for i, g in enumerate(grads) if g is not None and params[i].numel() == 0]
+        active, touched = [], {}
+        for unit in self.units(gi):
+            members = unit.params
+            if all(grads[i] is None for i in members):
+                continue
+            if len(members) > 1:
+                devices = {params[i].device for i in members}
+                if len(devices) > 1:
+                    raise ValueError(
+                        f"param group {gi}: a '{group['rotation']}' rotation spans params on several devices "
+                        f"({', '.join(sorted(map(str, devices)))}); put them on one device or in separate param "
+                        "groups"
+                    )
+            active.append(unit)
+            touched.update(dict.fromkeys(members))
+        if not active and not empty:
+            return None
+        absent = [i for i in touched if grads[i] is None]
+        plan = GroupStep(gi, group, grads, active, list(touched), absent, empty)
+        if active:
+            self._plan_backend(plan)
+        return plan
+
+    def _plan_backend(self, plan: GroupStep) -> None:
+        """Subclasses pick (and check) the backend of a group's step here, before anything is mutated."""
+
+    def _run_group(self, plan: GroupStep, extra_keys: tuple[str, ...] = ()) -> tuple[list, list, list] | None:
+        """Create state, stage the tensors the backend needs, and return (params, grads, states) to step.
+
+        ``states[i]`` is None for params outside the active units. Params staged into a temporary (non-contiguous
+        layouts, members without a gradient, units of mixed dtypes for backends that need one dtype pair) are
+        written back by :meth:`_finish_group`.
+        """
+        params = plan.group["params"]
+        for i in plan.empty:
+            self._init_state(params[i], extra_keys)["step"] += 1
+        if not plan.units:
+            return None
+        touched = set(plan.touched)
+        states = [self._init_state(p, extra_keys) if i in touched else None for i, p in enumerate(params)]
+        run_params, run_grads = list(params), list(plan.grads)
+        uniform = self._needs_uniform_dtypes(plan.backend)
+        widen = _mixed_dtype_members(plan.units, params, plan.grads) if uniform else set()
+        absent = set(plan.absent)
+        writeback = []
+        for i in plan.touched:
+            p, g = params[i], plan.grads[i]
+            dtype = torch.float32 if i in widen else p.dtype
+            if i in absent:
+                # Values are kept: the backend writes this member's update into a temporary that is dropped.
+                run_params[i] = p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
+                run_grads[i] = torch.zeros(p.shape, dtype=_absent_grad_dtype(plan, i, widen), device=p.device)
+                continue
+            if dtype != p.dtype or not p.is_contiguous():
+                run_params[i] = p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
+                writeback.append((p, run_params[i]))
+            if (i in widen and g.dtype != torch.float32) or not g.is_contiguous():
+                run_grads[i] = g.to(torch.float32 if i in widen else g.dtype, memory_format=torch.contiguous_format)
+        plan.extra["writeback"] = writeback
+        return run_params, run_grads, states
+
+    @staticmethod
+    def _finish_group(plan: GroupStep) -> None:
+        for p, staged in plan.extra.get("writeback", ()):
+            p.detach().copy_(staged)
+
+    def _needs_uniform_dtypes(self, backend: str) -> bool:
+        """Whether ``backend`` needs one (param, grad) dtype pair per unit (the fused ones do)."""
+        return backend != "eager"
+
     def _check_group(self, gi: int, group: dict[str, Any]) -> list[torch.Tensor | None]:
         """Validate the group's params and grads; returns grads (None where absent)."""
         grads: list[torch.Tensor | None] = []
@@ -152,7 +367,7 @@ class RotatedOptimizerBase(Optimizer):
             g = p.grad
             # One cheap combined test per param; the messages are built only on failure.
             if p.shape != tuple(shape) or (
-                g is not None and (g.is_sparse or g.shape != p.shape or g.device != p.device)
+                g is not None and (g.is_sparse or g.shape != p.shape or g.device != p.device or g.is_complex())
             ):
                 self._raise_bad_param(gi, group, i)
             grads.append(g)
@@ -174,38 +389,9 @@ class RotatedOptimizerBase(Optimizer):
             )
         if g.shape != p.shape:
             raise ValueError(f"{label}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+        if g.is_complex():
+            raise ValueError(f"{label}: grad has complex dtype {g.dtype}; the param is {p.dtype}")
         raise ValueError(f"{label}: grad is on {g.device} but the param is on {p.device}")
-
-    def _active_units(self, gi: int, group: dict, grads: list[torch.Tensor | None]) -> tuple[list[Unit], list]:
-        """Units with at least one gradient; members without one count as zero gradients."""
-        params = group["params"]
-        active, filled = [], list(grads)
-        for unit in self.units(gi):
-            members = unit.params
-            if all(grads[i] is None for i in members):
-                continue
-            devices = {params[i].device for i in members} if len(members) > 1 else ()
-            if len(devices) > 1:
-                raise ValueError(
-                    f"param group {gi}: a '{group['rotation']}' rotation spans params on several devices "
-                    f"({', '.join(sorted(map(str, devices)))}); put them on one device or in separate param groups"
-                )
-            for i in members:
-                if filled[i] is None:
-                    filled[i] = torch.zeros_like(params[i])
-            active.append(unit)
-        return active, filled
-
-    def _prepare(self, gi: int, group: dict, extra_keys: tuple[str, ...] = ()) -> tuple[list, list, list] | None:
-        """Checks, active units and lazily created state of one group: (grads, units, states), or None when
-        no unit has a gradient. ``states[i]`` is None for params outside the active units."""
-        grads = self._check_group(gi, group)
-        units, grads = self._active_units(gi, group, grads)
-        if not units:
-            return None
-        touched = {i for u in units for i in u.params}
-        states = [self._init_state(p, extra_keys) if i in touched else None for i, p in enumerate(group["params"])]
-        return grads, units, states
 
     def _step_device(self, p: torch.Tensor) -> torch.device:
         """Where ``state["step"]`` of ``p`` lives: the CPU here; fused subclasses keep it on ``p``'s device
@@ -222,105 +408,33 @@ class RotatedOptimizerBase(Optimizer):
         return state
 
     # -- state_dict -----------------------------------------------------------------------------------
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["rotkern"] = {"format": STATE_DICT_FORMAT, "optimizer": "rotated", "moments": list(self._moment_keys)}
-        return sd
+        """torch.optim's state_dict (hooks, param ids, references to the live state tensors), plus rotkern's
+        metadata; params whose state lives in a rotated basis are saved under ``rotated_``-prefixed keys, with
+        a ``step`` entry that makes torch.optim refuse them at load. See :mod:`rotkern.optim._state_dict`."""
+        from . import _state_dict
 
+        return _state_dict.pack(self)
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint saved by a rotated optimizer with the same rotation settings.
+        """Load a checkpoint (torch semantics: pre-hooks, then the state, then post-hooks).
 
-        Raises ValueError, naming the difference, when the checkpoint's scope, seed, block size, roles,
-        parameter shapes or state tensors do not match; the input dict is never modified.
+        Accepts what a rotated optimizer saved with the same rotation settings (any rotkern version), and torch
+        optimizers' state for params this optimizer does not rotate (``rotation="none"``); tensors are copied
+        onto the params' devices (never shared with ``state_dict``), ``step`` becomes a float32 tensor whatever
+        number type it was saved as. Raises ValueError, naming the difference, before anything changes when the
+        checkpoint's scope, seed, block size, roles, names (up to wrapper prefixes such as ``module.`` or
+        ``_orig_mod.``), parameter shapes or state tensors do not match; the input dict is never modified.
         """
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError(
-                "load_state_dict: expected a dict with 'state' and 'param_groups' (an optimizer state_dict)"
-            )
-        meta = state_dict.get("rotkern")
-        if not isinstance(meta, dict) or meta.get("format") != STATE_DICT_FORMAT:
-            raise ValueError(
-                "load_state_dict: this state_dict was not saved by a rotkern rotated optimizer (format "
-                f"{STATE_DICT_FORMAT}); its moments would be in the wrong basis. Start a fresh optimizer instead."
-            )
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
-            )
-        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            if len(sg["params"]) != len(g["params"]):
-                raise ValueError(
-                    f"param group {gi}: checkpoint has {len(sg['params'])} params, optimizer has {len(g['params'])}"
-                )
-            for key in SPEC_KEYS + ("names",):
-                mine, theirs = _freeze(g.get(key)), _freeze(sg.get(key))
-                if key == "names" and (mine is None or theirs is None):
-                    continue
-                if key == "svd_every" and g.get("rotation") != "svd":
-                    continue
-                if mine != theirs:
-                    raise ValueError(
-                        f"checkpoint mismatch in param group {gi}: {key} is {sg.get(key)!r} in the checkpoint but "
-                        f"{g.get(key)!r} in this optimizer"
-                    )
-        id_map = dict(
-            zip(
-                itertools.chain.from_iterable(sg["params"] for sg in saved_groups),
-                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
-                strict=True,
-            )
-        )
-        labels = {
-            id(p): _label(g["names"], gi, i)
-            for gi, g in enumerate(self.param_groups)
-            for i, p in enumerate(g["params"])
-        }
-        svd_shapes = self._svd_state_shapes()
-        new_state: dict = {}
-        for pid, st in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"checkpoint state refers to param id {pid!r}, which no param group lists")
-            p = id_map[pid]
-            label = labels[id(p)]
-            missing = [k for k in ("step",) + self._moment_keys if k not in st]
-            if missing:
-                raise ValueError(f"checkpoint state of {label} lacks {missing}; it was saved by another optimizer")
-            want_svd = svd_shapes.get(id(p), {})
-            have_svd = sorted(k for k in st if k.startswith("svd_"))
-            # Bases exist from step 1 on; without them the moments' basis is lost.
-            if (have_svd or float(st["step"]) >= 1) and have_svd != sorted(want_svd):
-                raise ValueError(
-                    f"checkpoint state of {label} has SVD basis keys {have_svd}, this optimizer expects "
-                    f"{sorted(want_svd)}"
-                )
-            new = {}
-            for key, val in st.items():
-                if not torch.is_tensor(val):
-                    new[key] = val
-                elif key == "step":
-                    new[key] = val.detach().clone().to(dtype=torch.float32, device=self._step_device(p))
-                elif key in want_svd:
-                    if tuple(val.shape) != want_svd[key]:
-                        raise ValueError(
-                            f"checkpoint state '{key}' of {label} has shape {tuple(val.shape)}, the SVD bases of "
-                            f"this param need {want_svd[key]}"
-                        )
-                    new[key] = val.detach().to(device=p.device, dtype=self.compute_dtype, copy=True)
-                else:
-                    if tuple(val.shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"checkpoint state '{key}' of {label} has shape {tuple(val.shape)}, "
-                            f"the param has {tuple(p.shape)}"
-                        )
-                    new[key] = val.detach().to(device=p.device, dtype=self.compute_dtype, copy=True)
-            new_state[p] = new
-        for g, sg in zip(self.param_groups, saved_groups, strict=True):
-            for key, val in sg.items():
-                if key != "params":
-                    g[key] = val
-        self.state.clear()
-        self.state.update(new_state)
+        from . import _state_dict
+
+        state_dict = _state_dict.run_pre_hooks(self, state_dict)
+        state, groups = _state_dict.unpack(self, state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _svd_state_shapes(self) -> dict[int, dict[str, tuple[int, ...]]]:
         """id(param) -> {state key: shape} of the SVD bases its svd units keep (params of svd groups only)."""
@@ -365,23 +479,64 @@ class RotatedOptimizerBase(Optimizer):
         return out
 
 
+def _mixed_dtype_members(units: list[Unit], params: list, grads: list) -> set[int]:
+    """Members of multi-param units whose (param, grad) dtypes are not all one pair: they run in fp32."""
+    out: set[int] = set()
+    for unit in units:
+        members = unit.params
+        if len(members) < 2:
+            continue
+        pairs = {(params[i].dtype, None if grads[i] is None else grads[i].dtype) for i in members}
+        p_dtypes = {p for p, _ in pairs}
+        g_dtypes = {g for _, g in pairs if g is not None}
+        if len(p_dtypes) > 1 or len(g_dtypes) > 1:
+            out.update(members)
+    return out
+
+
+def _absent_grad_dtype(plan: GroupStep, i: int, widen: set[int]) -> torch.dtype:
+    """The dtype of the zero gradient of a member without one: its unit's other grads' (one pair per unit)."""
+    if i in widen:
+        return torch.float32
+    for unit in plan.units:
+        if i in unit.params:
+            for j in unit.params:
+                if plan.grads[j] is not None:
+                    return plan.grads[j].dtype
+    return plan.group["params"][i].dtype
+
+
+def _warn_roles_guessed(gi: int, group: dict) -> None:
+    roles = group["roles"]
+    counts = {r: roles.count(r) for r in dict.fromkeys(roles)}
+    key = ("roles",)
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning(
+        "rotkern: param group %d (rotation=%r) has no parameter names, so roles were guessed from shapes (%s). "
+        "A fused QKV weight or an embedding cannot be recognised without names, and they rotate differently "
+        "(SPEC section 2). Pass model.named_parameters(), rotkern.param_groups_for(model), or a 'roles' list. "
+        "(Said once per process.)",
+        gi,
+        group["rotation"],
+        ", ".join(f"{r} x{n}" for r, n in counts.items()),
+    )
+
+
 def _normalise_params(params: Iterable) -> list:
-    """Accept tensors, (name, tensor) pairs (as torch >= 2.6 does) or dicts; pairs become names."""
+    """torch.optim's accepted forms (tensors, dicts, (name, tensor) pairs), without touching the caller's dicts."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+            + torch.typename(params)
+        )
     params = list(params)
-    if params and isinstance(params[0], tuple) and len(params[0]) == 2 and isinstance(params[0][0], str):
-        return [{"params": [p for _, p in params], "names": [n for n, _ in params]}]
-    if params and isinstance(params[0], dict):
-        out = []
-        for g in params:
-            g = dict(g)
-            ps = list(g["params"]) if not torch.is_tensor(g["params"]) else [g["params"]]
-            if ps and isinstance(ps[0], tuple):
-                g["names"] = [n for n, _ in ps]
-                ps = [p for _, p in ps]
-            g["params"] = ps
-            out.append(g)
-        return out
-    return params
+    if len(params) == 0:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(params[0], dict):
+        return [{"params": params}]
+    return [dict(g) if isinstance(g, dict) else g for g in params]
 
 
 def _label(names, gi: int, i: int) -> str:
@@ -406,14 +561,22 @@ def check_svd_every(value: object, name: str = "svd_every") -> int:
 
 
 def check_hyper(
-    name: str, value: float, low: float | None = 0.0, high: float | None = None, high_open: bool = True
+    name: str,
+    value: float,
+    low: float | None = 0.0,
+    high: float | None = None,
+    high_open: bool = True,
+    *,
+    where: str = "",
 ) -> None:
-    """Raise ValueError for an out-of-range hyperparameter (torch.optim's messages)."""
+    """Raise ValueError for an out-of-range hyperparameter (torch.optim's messages, after ``where``)."""
     if torch.is_tensor(value):
         if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got {value.numel()} elements")
+            raise ValueError(f"{where}Tensor {name} must be 1-element, got {value.numel()} elements")
         value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}Invalid {name}: {value!r} (must be a real number)")
     if low is not None and not value >= low:
-        raise ValueError(f"Invalid {name}: {value} (must be >= {low})")
+        raise ValueError(f"{where}Invalid {name}: {value} (must be >= {low})")
     if high is not None and not (value < high if high_open else value <= high):
-        raise ValueError(f"Invalid {name}: {value} (must be {'<' if high_open else '<='} {high})")
+        raise ValueError(f"{where}Invalid {name}: {value} (must be {'<' if high_open else '<='} {high})")

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 
 import torch
 
-from .._backend import BACKENDS, PRECISIONS, resolve_backend
+from .._backend import BACKENDS, PRECISIONS, resolve_backend, warn_fallback
 from ..scopes import SvdRotation
+from ._base import GroupStep
 from .rotated_adamw import RotatedAdamW
 
 __all__ = ["FusedRotatedAdamW"]
@@ -30,9 +31,11 @@ class FusedRotatedAdamW(RotatedAdamW):
             path for the device, else the eager reference; logged once), ``triton`` or ``ext`` (raise if it
             cannot run) or ``eager``. The ``ROTKERN_BACKEND`` environment variable overrides it.
 
-    The Triton path needs every param of a group on one CUDA device (or the CPU under
-    ``TRITON_INTERPRET=1``), contiguous params and grads, and fp32 moments (``compute_dtype=torch.float64``
-    runs the eager reference under ``auto``).
+    The fused backends run one device per param group (CUDA for Triton, or the CPU under ``TRITON_INTERPRET=1``;
+    the CPU for the extension) and fp32 moments. Under ``auto`` a group they cannot run (params on several
+    devices, ``compute_dtype=torch.float64``) takes the eager reference, said once at WARNING; an explicit
+    backend raises before anything changes. Non-contiguous params and global units that mix dtypes are staged
+    through contiguous (fp32) temporaries by the shared base class, so every backend runs them.
 
     ``rotation="svd"`` (paper Alg 5): the svd units (the group's matrices) always run the eager reference,
     whatever ``backend`` says: their cost is the SVD and two matmuls / Householder products per matrix, torch
@@ -68,36 +71,63 @@ class FusedRotatedAdamW(RotatedAdamW):
         self._plans = None  # per-optimizer cache of the kernels' metadata, made on the first Triton step
         self.backend_used: str | None = None  # what the last step ran: "triton", "ext" or "eager"
 
+    _config_attrs = ("compute_dtype", "precision", "backend")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("precision", "tf32x3")
+        self.__dict__.setdefault("backend", "auto")
+        self._plans = None
+        self.backend_used = None
+
     def _step_device(self, p: torch.Tensor) -> torch.device:
         return p.device
 
+    def _plan_backend(self, plan: GroupStep) -> None:
+        super()._plan_backend(plan)
+        units = [u for u in plan.units if not isinstance(u.rotation, SvdRotation)]
+        if not units:
+            plan.backend = "eager"
+            return
+        params = plan.group["params"]
+        explicit = bool(os.environ.get("ROTKERN_BACKEND")) or self.backend != "auto"
+        backend = resolve_backend(self.backend, params[units[0].params[0]])
+        reason = None
+        if backend != "eager":
+            devices = {params[i].device for u in units for i in u.params}
+            if self.compute_dtype != torch.float32:
+                reason = "the fused steps keep fp32 moments; compute_dtype=torch.float64 needs the eager reference"
+            elif len(devices) > 1:
+                reason = (
+                    f"param group {plan.gi} has params on several devices ({', '.join(sorted(map(str, devices)))}) "
+                    "and one fused step runs on one device (use one param group per device)"
+                )
+        if reason is not None:
+            if explicit:
+                raise RuntimeError(f"backend {backend!r} cannot run this step: {reason}; use backend='eager'")
+            warn_fallback(backend, reason)
+            backend = "eager"
+        plan.backend = backend
+
     def _rotated_adamw(
-        self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, **kwargs
+        self, plan, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, **kwargs
     ) -> None:
         svd_kwargs = {k: kwargs.pop(k) for k in ("svd_bases", "svd_every") if k in kwargs}
         svd_units = [u for u in units if isinstance(u.rotation, SvdRotation)]
+        state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         if svd_units:
             # rotation="svd": the matrices run the eager reference (SVD, matmuls); the rest of the group goes on
             # below. svd units cover whole params, never shared with another unit: each param steps once.
-            state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-            super()._rotated_adamw(group, *state, svd_units, **kwargs, **svd_kwargs)
+            super()._rotated_adamw(plan, *state, svd_units, **kwargs, **svd_kwargs)
             units = [u for u in units if not isinstance(u.rotation, SvdRotation)]
-            self.backend_used = "eager"
-            if not units:
-                return
-        args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units)
-        backend = resolve_backend(self.backend, params[units[0].params[0]])
-        if backend != "eager" and self.compute_dtype != torch.float32:
-            if os.environ.get("ROTKERN_BACKEND") or self.backend != "auto":
-                raise RuntimeError(
-                    f"the {backend} step keeps fp32 moments; compute_dtype=torch.float64 needs the eager backend"
-                )
-            backend = "eager"  # only the reference keeps fp64 moments
-        self.backend_used = "eager" if svd_units else backend
-        if backend == "eager":
-            super()._rotated_adamw(group, *args, **kwargs)
+        self.backend_used = "eager" if svd_units else plan.backend
+        if not units:
             return
-        if backend == "ext":
+        args = (*state, units)
+        if plan.backend == "eager":
+            super()._rotated_adamw(plan, *args, **kwargs)
+            return
+        if plan.backend == "ext":
             from ..kernels.ext import rotated_adamw_step_ext
 
             rotated_adamw_step_ext(*args, **kwargs)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ..kernels.reference import rotated_adamw_ref
-from ._base import RotatedOptimizerBase, check_hyper
+from ..scopes import SvdRotation
+from ._base import GroupStep, RotatedOptimizerBase, _label, check_hyper
 
 __all__ = ["RotatedAdamW"]
 
@@ -101,31 +102,63 @@ class RotatedAdamW(RotatedOptimizerBase):
     _moment_keys = ("exp_avg", "exp_avg_sq")
     _supports_svd = True
 
+    def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
+        check_hyper("learning rate", group["lr"], where=where)
+        check_hyper("epsilon value", group["eps"], where=where)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+        check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, where=where)
+        check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, where=where)
+        check_hyper("weight_decay value", group["weight_decay"], where=where)
+
+    def _plan_backend(self, plan: GroupStep) -> None:
+        group = plan.group
+        if group["rotation"] != "svd":
+            return
+        # An SVD of a non-finite gradient cannot converge (LAPACK raises): refuse before any state changes.
+        params = group["params"]
+        for unit in plan.units:
+            if not isinstance(unit.rotation, SvdRotation):
+                continue
+            i = unit.params[0]
+            st = self.state.get(params[i])
+            step = (float(st["step"]) if st else 0.0) + 1
+            if (int(step) - 1) % group["svd_every"] == 0 and not bool(torch.isfinite(plan.grads[i]).all()):
+                raise ValueError(
+                    f"{_label(group['names'], plan.gi, i)}: the gradient has non-finite values at an SVD basis "
+                    f"recompute step ({int(step)}); rotation='svd' cannot compute a basis from it (skip the step, "
+                    "e.g. with torch.amp.GradScaler, or clip the gradient)"
+                )
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step. closure: re-evaluates the model and returns the loss."""
+        """Perform one optimisation step. closure: re-evaluates the model and returns the loss.
+
+        Every group is checked before any is stepped: an error leaves params and state unchanged.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            prepared = self._prepare(gi, group, ("max_exp_avg_sq",) if group["amsgrad"] else ())
-            if prepared is None:
+        for plan in self._plan_steps():
+            group = plan.group
+            run = self._run_group(plan, ("max_exp_avg_sq",) if group["amsgrad"] else ())
+            if run is None:
                 continue
-            grads, units, states = prepared
-            params = group["params"]
+            params, grads, states = run
             beta1, beta2 = group["betas"]
             # svd units keep their bases in the param state; other scopes' steps never see these arguments.
             svd = dict(svd_bases=states, svd_every=group["svd_every"]) if group["rotation"] == "svd" else {}
             self._rotated_adamw(
-                group,
+                plan,
                 params,
                 grads,
                 [s and s["exp_avg"] for s in states],
                 [s and s["exp_avg_sq"] for s in states],
                 [s and s.get("max_exp_avg_sq") for s in states] if group["amsgrad"] else None,
                 [s and s["step"] for s in states],
-                units,
+                plan.units,
                 lr=group["lr"],
                 beta1=_scalar(beta1),
                 beta2=_scalar(beta2),
@@ -136,9 +169,10 @@ class RotatedAdamW(RotatedOptimizerBase):
                 maximize=group["maximize"],
                 **svd,
             )
+            self._finish_group(plan)
         return loss
 
-    def _rotated_adamw(self, group: dict, *args, lr: float | torch.Tensor, **kwargs) -> None:
+    def _rotated_adamw(self, plan: GroupStep, *args, lr: float | torch.Tensor, **kwargs) -> None:
         """The functional step; subclasses swap in a fused implementation with this signature.
 
         ``lr`` is the group's as given (a tensor lr stays a tensor, so fused steps can read it on the device).

@@ -23,6 +23,11 @@ class RotatedSGD(RotatedOptimizerBase):
 
     _moment_keys = ("momentum_buffer",)
 
+    def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
+        check_hyper("learning rate", group["lr"], where=where)
+        check_hyper("momentum value", group["momentum"], where=where)
+        check_hyper("weight_decay value", group["weight_decay"], where=where)
+
     def __init__(
         self,
         params: Iterable,
@@ -69,18 +74,18 @@ class RotatedSGD(RotatedOptimizerBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            prepared = self._prepare(gi, group)
-            if prepared is None:
+        for plan in self._plan_steps():
+            run = self._run_group(plan)
+            if run is None:
                 continue
-            grads, units, states = prepared
-            params = group["params"]
+            params, grads, states = run
+            group = plan.group
             rotated_sgdm_ref(
                 params,
                 grads,
                 [s and s["momentum_buffer"] for s in states],
                 [s and s["step"] for s in states],
-                units,
+                plan.units,
                 lr=float(group["lr"]),
                 momentum=group["momentum"],
                 dampening=group["dampening"],
@@ -88,4 +93,5 @@ class RotatedSGD(RotatedOptimizerBase):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
             )
+            self._finish_group(plan)
         return loss
