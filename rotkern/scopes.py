@@ -7,7 +7,7 @@ from the parameters as the rows of a (num_vectors, L) matrix, that all share one
 scope      units
 =========  ==========================================================================================
 none       one identity unit per parameter
-global     one ``flat`` unit: all parameters flattened and concatenated, element-wise permutation
+global     one ``flat`` unit: all (unfrozen) parameters flattened and concatenated, element-wise permutation
 layer      one ``flat`` unit per weight (q, k, v separately when a fused QKV weight is split)
 output     one ``rows`` unit per weight: each row of the (out, in) matrix, i.e. the weights that end at
            one output neuron

@@ -59,6 +59,15 @@ def rotated_adamw_step_ext(
         raise RuntimeError(f"rotated_adamw_step_ext {reason}; got {params[touched[0]].device} params")
     load_ext()
     _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps, touched)
+    for unit in units:
+        # The op checks this too, but only after the steps below have advanced: refuse before any change.
+        pairs = {(params[i].dtype, grads[i].dtype) for i in unit.params}
+        if len(pairs) > 1:
+            raise ValueError(
+                f"rotated_adamw_step_ext: a {unit.layout} unit spans params of several (param, grad) dtypes "
+                f"{sorted(map(str, pairs))}; the op needs one pair per unit (FusedRotatedAdamW stages such units in "
+                "fp32 for it)"
+            )
     lr_t = lr.detach().to("cpu", torch.float64) if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64)
     # Each param steps once, even when it is split over several units (q/k/v), as in the reference.
     torch._foreach_add_([state_steps[i] for i in touched], 1.0)

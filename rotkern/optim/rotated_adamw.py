@@ -38,6 +38,9 @@ class RotatedAdamW(RotatedOptimizerBase):
     defaults for every param group, and each group may override them.
 
     Args:
+        foreach, fused: accepted for drop-in compatibility with torch.optim.AdamW and kept in the param groups;
+            the implementation is rotkern's own (eager torch ops here, ``backend=`` in FusedRotatedAdamW).
+        capturable, differentiable: must be False (ValueError otherwise): neither is implemented.
         rotation: scope: ``none`` | ``global`` | ``layer`` | ``output`` | ``input`` | ``svd``.
         block_size: Haar block size n (default 768, the paper's).
         seed: rotation seed; the same seed gives the same rotations on any machine.
@@ -68,6 +71,10 @@ class RotatedAdamW(RotatedOptimizerBase):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         rotation: str = "global",
         block_size: int = 768,
         seed: int = 0,
@@ -89,6 +96,10 @@ class RotatedAdamW(RotatedOptimizerBase):
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
             rotation=rotation,
             block_size=block_size,
             seed=seed,
@@ -111,6 +122,11 @@ class RotatedAdamW(RotatedOptimizerBase):
         check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, where=where)
         check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, where=where)
         check_hyper("weight_decay value", group["weight_decay"], where=where)
+        for key, what in (("capturable", "CUDA-graph capture of the step"), ("differentiable", "autograd through it")):
+            if group.get(key):
+                raise ValueError(
+                    f"{where}{key}=True ({what}) is not supported by rotkern's optimizers; pass {key}=False"
+                )
 
     def _plan_backend(self, plan: GroupStep) -> None:
         group = plan.group

@@ -703,3 +703,17 @@ def test_step_hooks_scheduler_and_grad_scaler(backend):
 def test_public_api_exports_the_converters():
     assert rotkern.from_adamw_state is rotkern.optim.convert.from_adamw_state
     assert rotkern.to_adamw_state is rotkern.optim.convert.to_adamw_state
+
+
+def test_torch_adamw_keywords_are_accepted():
+    model = _net()
+    kw = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.05, amsgrad=True, maximize=True)
+    for extra in (dict(foreach=False), dict(foreach=True), dict(fused=None), dict(fused=True)):
+        for cls in (RotatedAdamW, FusedRotatedAdamW):
+            opt = cls(model.parameters(), **kw, **extra, rotation="none")
+            ref = torch.optim.AdamW(model.parameters(), **kw, **extra)
+            shared = {k: v for k, v in ref.param_groups[0].items() if k not in ("params", "decoupled_weight_decay")}
+            assert {k: opt.param_groups[0][k] for k in shared} == shared
+    for bad in ("capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{bad}=True"):
+            RotatedAdamW(model.parameters(), **{bad: True})
