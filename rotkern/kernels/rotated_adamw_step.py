@@ -23,8 +23,10 @@ one program runs one tile through all three phases:
 
 A barrier separates the phases inside a program (each program only reads back what it wrote itself);
 ``single_pass=False`` splits phases 0+1 and 2 into two launches instead. Memory beyond the caller's
-tensors: one fp32 workspace of at most d elements, plus per-step pointer and hyperparameter tables.
-Identity units (rotation none) take a plain element-wise AdamW kernel. Launches per call: one
+tensors: one fp32 workspace of at most d elements (kept per plan cache and device, i.e. per optimizer), the
+cached plan tables, and a pointer/hyperparameter table with its pinned staging, all reused: a call after the
+first allocates nothing, and uploads the table only when an address or a float hyperparameter changed.
+Identity units (rotation none) take a plain element-wise AdamW kernel. Launches per call: at most one
 host-to-device copy (pointers and hyperparameters), one foreach step increment, one element-wise launch
 and one launch per class of block-rows: block size in 1-16, 17-32, 33-64 or 65-4096; staged or direct;
 block size a multiple of 16 or not; (param, grad) dtypes. GPT-2 at n = 768 needs 1 (global, layer) or 2
@@ -41,6 +43,7 @@ nothing recompiles when lr changes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -580,10 +583,10 @@ def rotated_adamw_step(
         if lr.device.type != "cpu":
             raise ValueError(f"lr is a tensor on {lr.device} but the params are on {device}")
         lr = float(lr)  # a CPU scalar: reading it does not sync the GPU
-    plan = get_plan(units, params, grads, decay_mask, device, plan_cache)
-
-    torch._foreach_add_([state_steps[i] for i in touched], 1.0)
-    table = np.zeros(_HYPER + _KINDS * len(params), np.int64)
+    cache = plan_tables._PLANS if plan_cache is None else plan_cache
+    plan = get_plan(units, params, grads, decay_mask, device, cache)
+    calls = _calls(plan, len(params), device)
+    table = calls.table
     table[:_HYPER].view(np.float64)[:] = (0.0 if torch.is_tensor(lr) else float(lr), beta1, beta2, eps, weight_decay)
     ptrs = table[_HYPER:].reshape(_KINDS, len(params))
     state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps)
@@ -591,37 +594,119 @@ def rotated_adamw_step(
         if tensors is not None:
             for i in touched:
                 ptrs[kind, i] = tensors[i].data_ptr()
-    host = torch.from_numpy(table)
-    # Pinned + non_blocking: the upload is queued on the stream like a kernel; the host never waits.
-    dev_table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    hyper = dev_table[:_HYPER].view(torch.float64)
-    ptr_table = dev_table[_HYPER:]
-    lr_arg = lr if torch.is_tensor(lr) else hyper
 
-    ws = None
-    if plan.ws_numel:
-        ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=device)
-        if POISON_WORKSPACE:
+    with _device_guard(device):
+        torch._foreach_add_([state_steps[i] for i in touched], 1.0)
+        calls.upload()
+        hyper, ptr_table = calls.hyper, calls.ptr_table
+        lr_arg = lr if torch.is_tensor(lr) else hyper
+        ws = _workspace(cache, device, plan.ws_numel)
+        if ws is not None and POISON_WORKSPACE:
             ws.fill_(float("nan"))
-    for launch in plan.launches:
-        common = dict(
-            P_DTYPE=_TL_DTYPES[launch.p_dtype],
-            G_DTYPE=_TL_DTYPES[launch.g_dtype],
-            AMSGRAD=amsgrad,
-            MAXIMIZE=maximize,
-            num_warps=launch.num_warps,
-            num_stages=launch.num_stages,
-            **launch.meta,
-        )
-        grid = (launch.grid,)
-        if not launch.rotated:
-            aligned = _aligned(state, plan.identity_params)
-            _adamw_kernel[grid](ptr_table, hyper, lr_arg, launch.table, len(params), ALIGNED=aligned, **common)
-            continue
-        args = (ptr_table, hyper, lr_arg, launch.table, plan.rows, plan.segments, plan.perm, plan.rot, ws, len(params))
-        idx = tl.int64 if plan.wide else tl.int32
-        for phase in (0,) if single_pass else (1, 2):
-            _rotated_adamw_kernel[grid](*args, IDX=idx, PRECISION=precision, PHASE=phase, **common)
+        for launch in plan.launches:
+            common = dict(
+                P_DTYPE=_TL_DTYPES[launch.p_dtype],
+                G_DTYPE=_TL_DTYPES[launch.g_dtype],
+                AMSGRAD=amsgrad,
+                MAXIMIZE=maximize,
+                num_warps=launch.num_warps,
+                num_stages=launch.num_stages,
+                **launch.meta,
+            )
+            grid = (launch.grid,)
+            if not launch.rotated:
+                aligned = _aligned(state, plan.identity_params)
+                _launch(_adamw_kernel, grid, ptr_table, hyper, lr_arg, launch.table, len(params), ALIGNED=aligned,
+                        **common)  # fmt: skip
+                continue
+            args = (ptr_table, hyper, lr_arg, launch.table, plan.rows, plan.segments, plan.perm, plan.rot, ws)
+            idx = tl.int64 if plan.wide else tl.int32
+            for phase in (0,) if single_pass else (1, 2):
+                _launch(_rotated_adamw_kernel, grid, *args, len(params), IDX=idx, PRECISION=precision, PHASE=phase,
+                        **common)  # fmt: skip
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Every kernel launch of a step goes through here (tests count and check them)."""
+    kernel[grid](*args, **kwargs)
+
+
+def _device_guard(device: torch.device):
+    """Make the params' device current for the launches: Triton launches on the current device's current
+    stream, while the tables, workspace and step increments live on the params' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _CallBuffers:
+    """Per-plan buffers reused by every call, so that a step allocates nothing after its first call.
+
+    ``table`` (numpy, host) is filled each call with the hyperparameters and the tensors' addresses; it is
+    uploaded only when it differs from the last upload (grads freed and reallocated move), from one of two
+    pinned staging buffers whose previous copy must have finished before it is rewritten (a CUDA event per
+    buffer, queried first so that the host waits only when the GPU is two uploads behind). A step whose
+    table is unchanged issues no copy at all: what CUDA-graph capture needs (static addresses, tensor lr).
+    On the CPU (the interpreter) the host table is the one the kernels read.
+    """
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._staging = [torch.zeros(numel, dtype=torch.int64).pin_memory() for _ in range(2)]
+            self._events = [None, None]
+            self._next = 0
+            self.device_table = torch.zeros(numel, dtype=torch.int64, device=device)
+            self.table = np.zeros(numel, np.int64)
+            self._uploaded = np.full(numel, -1, np.int64)
+        else:
+            self.device_table = torch.zeros(numel, dtype=torch.int64)
+            self.table = self.device_table.numpy()  # the kernels read the host table itself
+        self.hyper = self.device_table[:_HYPER].view(torch.float64)
+        self.ptr_table = self.device_table[_HYPER:]
+
+    def upload(self) -> torch.Tensor:
+        if not self.cuda or np.array_equal(self.table, self._uploaded):
+            return self.device_table
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "rotated_adamw_step: the pointer table changed during CUDA-graph capture (a param, grad or state "
+                "tensor moved, or a float lr changed): keep grads allocated (zero_grad(set_to_none=False)), use a "
+                "tensor lr, and run one step before capturing"
+            )
+        k = self._next
+        event = self._events[k]
+        if event is not None and not event.query():
+            event.synchronize()  # the GPU is two uploads behind: the staging buffer is still being read
+        host = self._staging[k]
+        host.numpy()[:] = self.table
+        self.device_table.copy_(host, non_blocking=True)
+        if event is None:
+            event = self._events[k] = torch.cuda.Event()
+        event.record()
+        self._next = 1 - k
+        self._uploaded[:] = self.table
+        return self.device_table
+
+
+
+def _workspace(cache: PlanCache, device: torch.device, numel: int) -> torch.Tensor | None:
+    """The fp32 workspace, one per plan cache (an optimizer's) and device, grown to the largest plan's need:
+    plans of one optimizer (the set of units with grads may change between steps) share it."""
+    if not numel:
+        return None
+    store = cache.__dict__.setdefault("workspaces", {})
+    ws = store.get(device)
+    if ws is None or ws.numel() < numel:
+        ws = store[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return ws[:numel]
+
+
+def _calls(plan, num_params: int, device: torch.device) -> _CallBuffers:
+    numel = _HYPER + _KINDS * num_params
+    buffers = getattr(plan, "calls", None)
+    if buffers is None or buffers.table.size != numel:
+        buffers = plan.calls = _CallBuffers(numel, device)
+    return buffers
 
 
 def _aligned(state, indices) -> bool:
