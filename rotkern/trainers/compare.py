@@ -69,6 +69,11 @@ def compare(cfg: CompareConfig) -> dict:
         raise TrainerError(f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty'}; choose from {', '.join(ALL_SCOPES)}")
     if cfg.optimizer not in ("rotated-eager", "rotated-fused"):
         raise TrainerError(f"compare runs rotated AdamW under each scope; --optimizer={cfg.optimizer} has no scope")
+    if cfg.switch_at or cfg.switch_to:
+        raise TrainerError(
+            "compare runs each scope throughout; --switch_at/--switch_to belong to train "
+            "(benchmarks/switch_basis.py compares switched runs)"
+        )
     if not 0.0 <= cfg.ema < 1.0:
         raise TrainerError(f"--ema={cfg.ema} must lie in [0, 1)")
     out = Path(cfg.out_dir)

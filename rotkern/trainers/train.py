@@ -6,6 +6,12 @@ optional bf16 autocast, DDP under torchrun, weight decay on >= 2-D tensors only.
 throughput, step and optimizer time), eval records and a final record. Checkpoints hold the model, the
 optimizer, the step and the config; they are written atomically and never over a file this run did not
 resume from. Batches are a function of (seed, step), so a resumed run continues bit-identically.
+
+--switch_at=K --switch_to=<adamw|scope> changes the optimizer's basis after K updates: a new optimizer is built
+as at the start and, with --switch_state=convert, continues from the old one's Adam moments and step
+(rotkern.from_adamw_state / to_adamw_state); the lr schedule runs on. The log gets a "switch" record between
+steps K and K + 1, every step record names its optimizer, and steps K and K + 1 carry their update norm. A
+checkpoint past step K holds the new optimizer; one at or before it resumes into the old one and switches later.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from .data import (
 from .models import ATTENTION_BACKENDS, MODELS, GPTConfig, build_model, model_config, model_kind
 
 OPTIMIZERS = ("adamw", "rotated-eager", "rotated-fused", "sgdm")
+SWITCH_STATES = ("convert", "reset")
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 CHECKPOINT_FORMAT = 1
 
@@ -71,6 +78,10 @@ class TrainConfig:
     weight_decay: float = 0.1  # on >= 2-D tensors only (nanoGPT)
     momentum: float = 0.9  # sgdm only
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    # --- optimizer switch: change the basis mid-run (the lr schedule carries on across it)
+    switch_at: int = 0  # switch after this many updates, before the next one; 0 = never
+    switch_to: str = ""  # adamw (from a rotated run) | a scope: adamw becomes rotated-eager, rotated-* keep their class
+    switch_state: str = "convert"  # convert: Adam's moments and step carried over (rotkern.from/to_adamw_state) | reset
     # --- run
     steps: int = 200
     stop_step: int = 0  # stop after this step (0 = steps); the schedule still spans `steps`; resume later
@@ -153,6 +164,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         "rotation": ALL_SCOPES,
         "precision": PRECISIONS,
         "attention": ATTENTION_BACKENDS,
+        "switch_state": SWITCH_STATES,
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -166,6 +178,44 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         raise TrainerError(f"--stop_step={cfg.stop_step} must lie in [0, steps={cfg.steps}]")
     if cfg.workers < -1 or cfg.prefetch < 1:
         raise TrainerError(f"--workers={cfg.workers} must be >= -1 and --prefetch={cfg.prefetch} >= 1")
+    check_switch(cfg)
+
+
+def check_switch(cfg: TrainConfig) -> None:
+    if cfg.switch_at < 0 or cfg.switch_at >= cfg.steps:
+        raise TrainerError(f"--switch_at={cfg.switch_at} must lie in [0, steps={cfg.steps}) (0 = no switch)")
+    if bool(cfg.switch_at) != bool(cfg.switch_to):
+        given, missing = ("--switch_at", "--switch_to") if cfg.switch_at else ("--switch_to", "--switch_at")
+        raise TrainerError(f"{given} needs {missing} (switch_at=K, switch_to=adamw or a scope)")
+    if not cfg.switch_to:
+        return
+    targets = ("adamw", *ALL_SCOPES)
+    if cfg.switch_to not in targets:
+        raise TrainerError(f"--switch_to={cfg.switch_to!r} is not one of {', '.join(targets)}")
+    if cfg.optimizer == "sgdm":
+        raise TrainerError("--switch_to switches an AdamW run (adamw, rotated-eager, rotated-fused), not sgdm")
+    if optimizer_label(cfg) == optimizer_label(optimizer_after(cfg, cfg.steps)) and cfg.switch_state == "convert":
+        # Into its own basis the conversion is no identity: v goes out and back through D o D and gets blurred.
+        raise TrainerError(
+            f"--switch_to={cfg.switch_to} is what this run already uses ({optimizer_label(cfg)}); "
+            "only --switch_state=reset makes sense there"
+        )
+
+
+def optimizer_after(cfg: TrainConfig, done: int) -> TrainConfig:
+    """The config of the optimizer in use after `done` updates, i.e. the one a checkpoint at step `done` holds:
+    the run's own up to step switch_at (the switch comes before the next update), the switch_to one past it."""
+    if not cfg.switch_at or done <= cfg.switch_at:
+        return cfg
+    if cfg.switch_to == "adamw":
+        return dataclasses.replace(cfg, optimizer="adamw")
+    name = cfg.optimizer if cfg.optimizer.startswith("rotated") else "rotated-eager"
+    return dataclasses.replace(cfg, optimizer=name, rotation=cfg.switch_to)
+
+
+def optimizer_label(cfg: TrainConfig) -> str:
+    """adamw, sgdm, or rotated-<eager|fused>:<scope>: what the step records call the optimizer."""
+    return f"{cfg.optimizer}:{cfg.rotation}" if cfg.optimizer.startswith("rotated") else cfg.optimizer
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -362,6 +412,28 @@ def make_optimizer(
         raise TrainerError(f"rotated-fused (precision={cfg.precision}, backend={cfg.backend}): {e}") from None
 
 
+def switch_optimizer(cfg: TrainConfig, model: nn.Module, old: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The switch_to optimizer, built like the run's own; with switch_state=convert it continues from `old`'s
+    Adam moments and step, carried into (or out of) its basis. Its lr is set by the next train_step."""
+    new_cfg = optimizer_after(cfg, cfg.switch_at + 1)
+    new = make_optimizer(new_cfg, model)
+    if cfg.switch_state == "reset":
+        return new
+    from ..optim import from_adamw_state, to_adamw_state
+
+    try:
+        if new_cfg.optimizer == "adamw":
+            new.load_state_dict(to_adamw_state(old, new))
+        else:
+            new.load_state_dict(from_adamw_state(new, old))
+    except (TypeError, ValueError, KeyError) as e:
+        raise TrainerError(
+            f"cannot carry the {optimizer_label(cfg)} state into {optimizer_label(new_cfg)} "
+            f"at step {cfg.switch_at}: {e}"
+        ) from None
+    return new
+
+
 def optimizer_backend(opt: torch.optim.Optimizer) -> str:
     """What actually ran the last optimizer step."""
     name = type(opt).__name__
@@ -471,6 +543,8 @@ def checkpoint_state(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, ste
         "model_config": asdict(s.model_cfg),
         "model": getattr(model, "module", model).state_dict(),
         "optimizer": opt.state_dict(),
+        # After a switch the state is not --optimizer's; checkpoints without this key predate switching.
+        "optimizer_name": optimizer_after(s.cfg, step).optimizer,
         "config": asdict(s.cfg),
         "data_fingerprint": s.data.fingerprint,
     }
@@ -503,11 +577,19 @@ def restore(s: Setup, ckpt: dict, path: str, model: nn.Module, opt: torch.optim.
             f"checkpoint {path!r} holds model {ckpt['model_name']!r} but this run builds {s.cfg.model!r}"
             + (f" (checkpoint vs run: {diff})" if diff else "")
         )
-    saved_opt = ckpt["config"]["optimizer"]
+    step = int(ckpt["step"])
+    saved_opt = ckpt.get("optimizer_name", ckpt["config"]["optimizer"])
+    want = optimizer_after(s.cfg, step).optimizer
     rotated = {"rotated-eager", "rotated-fused"}
-    if saved_opt != s.cfg.optimizer and not {saved_opt, s.cfg.optimizer} <= rotated:
+    if saved_opt != want and not {saved_opt, want} <= rotated:
+        saved_cfg = ckpt["config"]
+        if saved_opt == saved_cfg["optimizer"] and want == s.cfg.optimizer:
+            raise TrainerError(f"checkpoint {path!r} was saved with --optimizer={saved_opt}, this run uses {want}")
         raise TrainerError(
-            f"checkpoint {path!r} was saved with --optimizer={saved_opt}, this run uses {s.cfg.optimizer}"
+            f"checkpoint {path!r} holds {saved_opt} state at step {step} (--optimizer={saved_cfg['optimizer']} "
+            f"--switch_at={saved_cfg.get('switch_at', 0)} --switch_to={saved_cfg.get('switch_to', '')!r}), this run "
+            f"has {want} there (--optimizer={s.cfg.optimizer} --switch_at={s.cfg.switch_at} "
+            f"--switch_to={s.cfg.switch_to!r})"
         )
     try:
         model.load_state_dict(ckpt["model"])
@@ -522,7 +604,7 @@ def restore(s: Setup, ckpt: dict, path: str, model: nn.Module, opt: torch.optim.
             f"warning: {path} was trained on other data (fingerprint {ckpt.get('data_fingerprint')} != "
             f"{s.data.fingerprint})"
         )
-    return int(ckpt["step"])
+    return step
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -566,7 +648,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             f"{ckpt_path} already exists; pass --resume={ckpt_path} to continue it or pick another out_dir"
         )
     model = s.build_model()
-    opt = make_optimizer(cfg, model)
+    # A checkpoint past switch_at holds the switched optimizer's state: build that one to load it into.
+    active = optimizer_after(cfg, int(ckpt["step"]) if ckpt is not None else 0)
+    opt = make_optimizer(active, model)
     start = restore(s, ckpt, cfg.resume, model, opt) if ckpt is not None else 0
     stop = cfg.stop_step or cfg.steps
     if start > stop:
@@ -578,6 +662,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             cfg,
             s.device,
             backend=optimizer_backend(opt),
+            optimizer=optimizer_label(active),
             world_size=world,
             start_step=start,
             resumed_from=cfg.resume or None,
@@ -592,6 +677,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             f"       {cfg.optimizer} rotation={cfg.rotation} block={cfg.block_size} seed={cfg.seed} "
             f"device={s.device} world={world} steps {start}->{stop} of {cfg.steps}; log {log_path}"
         )
+        if cfg.switch_at:
+            print(
+                f"       switch to {optimizer_label(optimizer_after(cfg, cfg.switch_at + 1))} after step "
+                f"{cfg.switch_at} ({cfg.switch_state})"
+            )
     net = model
     if world > 1:
         ids = [s.device.index] if s.device.type == "cuda" else None
@@ -601,8 +691,34 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
     try:
         s.start_loader(start, stop)
         for step in range(start, stop):
+            switching = cfg.switch_at > 0 and step == cfg.switch_at
+            if switching:
+                t_switch = time.perf_counter()
+                opt = switch_optimizer(cfg, model, opt)
+                active = optimizer_after(cfg, step + 1)
+                switch = {
+                    "type": "switch",
+                    "step": step,  # after this many updates; the next step record is the new optimizer's first
+                    "from": optimizer_label(cfg),
+                    "to": optimizer_label(active),
+                    "state": cfg.switch_state,
+                    "switch_time": time.perf_counter() - t_switch,
+                }
+                log.write(switch)
+                if main and cfg.print_every:
+                    print(
+                        f"switch after step {step}: {switch['from']} -> {switch['to']} ({cfg.switch_state}, "
+                        f"{switch['switch_time']:.2f} s)"
+                    )
+            # The update norm on both sides of the switch shows whether the new optimizer picked up where the old
+            # one left off (a fresh Adam's first update is ~lr per coordinate); two parameter copies, once a run.
+            watch = cfg.switch_at > 0 and step in (cfg.switch_at - 1, cfg.switch_at)
+            before = [p.detach().clone() for p in model.parameters()] if watch else None
             rec = train_step(s, net, opt, step)
-            if step == start:
+            rec["optimizer"] = optimizer_label(active)
+            if before is not None:
+                rec["update_norm"] = _distance(model, before)
+            if step == start or switching:
                 rec["backend"] = optimizer_backend(opt)
             if not math.isfinite(rec["loss"]):
                 raise TrainerError(f"loss is {rec['loss']} at step {rec['step']}; lower --lr or enable --grad_clip")
@@ -656,6 +772,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
         "log": str(log_path) if log_path else None,
         "checkpoint": str(ckpt_path) if save else None,
     }
+
+
+@torch.no_grad()
+def _distance(model: nn.Module, before: list[torch.Tensor]) -> float:
+    sq = sum(((p.detach().double() - b.double()) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
+    return float(sq) ** 0.5
 
 
 @torch.no_grad()

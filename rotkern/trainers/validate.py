@@ -73,6 +73,8 @@ def validate(cfg: ValidateConfig) -> dict:
     bad = [s for s in scopes if s not in SCOPES]
     if not scopes or bad:
         raise TrainerError(f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty'}; choose from {', '.join(SCOPES)}")
+    if cfg.switch_at or cfg.switch_to:
+        raise TrainerError("validate runs each scope throughout; --switch_at/--switch_to belong to train")
     report_path = Path(cfg.out_dir) / "validate.json" if cfg.out_dir else None
     if report_path is not None and report_path.exists():
         raise TrainerError(f"{report_path} already exists; pick another --out_dir")
