@@ -432,7 +432,11 @@ class RotatedOptimizerBase(Optimizer):
 
         state_dict = _state_dict.run_pre_hooks(self, state_dict)
         state, groups = _state_dict.unpack(self, state_dict)
-        self.__setstate__({"state": state, "param_groups": groups})
+        # In place: svd units stay bound to this state mapping, and the cached units (and the fused kernels'
+        # plans built from them) stay valid, since the checkpoint's rotation spec equals this optimizer's.
+        self.state.clear()
+        self.state.update(state)
+        self.param_groups[:] = groups
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
