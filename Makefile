@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: run quadratic test lint test-cpu test-interpret ext test-ext test-gpu bench clean
+.PHONY: run quadratic test lint test-cpu test-compile test-interpret ext test-ext test-gpu bench clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -37,8 +37,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check rotkern tests benchmarks
 
 test-cpu: $(BIN)/.installed
-	$(BIN)/pytest -m "not gpu and not interpret and not ext"
+	$(BIN)/pytest -m "not gpu and not interpret and not ext and not compile"
 	$(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "not slow and not ext"
+
+# Every kernel variant the launcher produces for GPT-2 124M, ViT-S/16 and ResNet-50 (all scopes, fp32/bf16, all
+# precisions), compiled for sm_90 and sm_80 without a GPU; fails on a compile error, a register spill (bar the few
+# the test tolerates, printed) or too much shared memory, and prints registers, spills, shared memory and
+# occupancy per variant (~2 min on 2 cores).
+test-compile: $(BIN)/.installed
+	$(BIN)/pytest -q -s -m compile tests/kernels/test_kernel_compile.py
 
 # Triton kernels on CPU tensors through the interpreter (tiny fp32 shapes).
 test-interpret: $(BIN)/.installed
@@ -53,7 +60,7 @@ test-ext: ext
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -m "ext and not gpu"
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "ext and not slow"
 
-test: lint test-cpu test-interpret test-ext
+test: lint test-cpu test-compile test-interpret test-ext
 
 # On a GPU machine (its own torch/Triton, nothing installed): every test, the kernels on CUDA.
 test-gpu:

@@ -77,19 +77,37 @@ def width_class(nb: int) -> int:
 
 
 def tile_config(width: int) -> tuple[dict, int, int]:
-    """(BLOCK_M/N/K, num_warps, num_stages) of a block-size class.
+    """(BLOCK_M/N/K, num_warps, num_stages) of a block-size class: 64 block-rows by 32 columns, 8 warps.
 
-    Chosen so that ptxas (sm_90a, Triton 3.9) reports no register spills; not yet timed on a GPU. For the
-    largest class, ``ROTKERN_TILE_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,num_warps=8,num_stages=2"``
-    overrides the choice (benchmarking aid). Under the interpreter, cost is per op rather than per
-    element, so programs are large; BLOCK_N/K stay at 32 so that CPU tests run the K loops more than once
-    and with ragged last tiles.
+    Chosen from ptxas' figures, without a GPU (``python -m rotkern.kernels._compile_report`` prints them;
+    tests/kernels/test_kernel_compile.py checks them). The 48 variants that GPT-2 124M, ViT-S/16 and ResNet-50
+    launch at n = 768 (every scope, fp32/bf16, ieee/tf32x3/tf32) need, on sm_90a, 142-247 registers with
+    Triton 3.9 (ptxas 13.4) and 125-242 with Triton 3.6 (ptxas 12.8), and none spills, but on 3.6 the two ieee
+    variants of ResNet-50's conv1 rows (147 long: the output scope's one unaligned launch, one program of 731):
+    16 B at 255 registers, which the test tolerates as a negligible share of the step. Shared memory <= 44 KB;
+    one CTA (8 warps) per SM, two where ptxas stays at 128 registers. Not yet timed on a GPU.
+
+    Why not wider: the previous 64x64 tiles (16 outputs per thread) need more than the 255 registers a thread
+    can have: ptxas spilled 4-44 B in 13 of the 48 sm_90 variants on Triton 3.9 (GPT-2's tf32x3 global step:
+    28 B) and up to 28 B in 11 on 3.6. 4 warps spill the same way (64x32 tiles: up to 76 B at 255). Why not
+    narrower, or BLOCK_K = 16: 32x32 tiles and K = 16 bring some variants to just above 128 (or 80) registers,
+    where ptxas caps them at that occupancy step and spills to get there (5 and 10 sm_90 variants on 3.9).
+    ``maxnreg`` would stop that cap, but ptxas then fills whatever budget it is given and the ieee variants
+    spill at any cap (GPT-2's global ieee step: 188 registers without it, 28-32 B spilled at 200 to 255).
+    sm_80 (compiled, not the project's GPU) keeps such occupancy spills: 7 variants on 3.9 and 4 on 3.6, 4-84 B
+    at 128 registers, mostly the ViT/ResNet global steps; the test reports them (all spills: 8 and 5 variants,
+    down from 29 and 21, up to 188 and 376 B, with 64x64 tiles).
+
+    Block sizes up to 32 take the same shape with BLOCK_N = BLOCK_K = their class (16 or 32; so 32 compiles to
+    the variants above): the previous 4-warp 64x32 tiles spilled up to 60 B at 255 registers, the 8-warp ones
+    stay at <= 128 registers without a spill on sm_90. For the largest class,
+    ``ROTKERN_TILE_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,num_warps=8,num_stages=2"`` overrides the choice
+    (benchmarking aid). Under the interpreter, cost is per op rather than per element, so programs are
+    large; BLOCK_N/K stay at 32 so that CPU tests run the K loops more than once and with ragged last tiles.
     """
     if interpret_mode():
         return dict(BLOCK_M=256, BLOCK_N=min(width, 32), BLOCK_K=min(width, 32)), 4, 1
-    if width <= 32:
-        return dict(BLOCK_M=64, BLOCK_N=width, BLOCK_K=width), 4, 2
-    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)
+    cfg = dict(BLOCK_M=64, BLOCK_N=min(width, 32), BLOCK_K=min(width, 32), num_warps=8, num_stages=2)
     override = os.environ.get("ROTKERN_TILE_CONFIG")
     if width > 64 and override:
         for item in override.split(","):

@@ -54,6 +54,7 @@ import triton.language as tl
 from .._backend import PRECISIONS, why_not_triton
 from ..scopes import Unit
 from . import _rotated_adamw_plan as plan_tables
+from . import _triton_compat  # noqa: F401  (applies the Triton interpreter fix of triton#9171 where needed)
 from ._rotated_adamw_plan import PlanCache, get_plan
 
 __all__ = ["PRECISIONS", "rotated_adamw_step"]
