@@ -39,6 +39,7 @@ lint: $(BIN)/.installed
 test-cpu: $(BIN)/.installed
 	$(BIN)/pytest -m "not gpu and not interpret and not ext and not compile"
 	$(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "not slow and not ext"
+	$(BIN)/pytest -q benchmarks/test_bench_cpu_step.py
 
 # Every kernel variant the launcher produces for GPT-2 124M, ViT-S/16 and ResNet-50 (all scopes, fp32/bf16, all
 # precisions), compiled for sm_90 and sm_80 without a GPU; fails on a compile error, a register spill (bar the few
@@ -58,6 +59,7 @@ ext: $(BIN)/.installed
 # The extension against the eager reference; ROTKERN_REQUIRE_EXT=1 turns a broken build into failures, not skips.
 test-ext: ext
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -m "ext and not gpu"
+	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_cpu_step.py
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "ext and not slow"
 
 test: lint test-cpu test-compile test-interpret test-ext

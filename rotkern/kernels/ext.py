@@ -1,11 +1,19 @@
 """The compiled extension's rotated AdamW step: :func:`rotated_adamw_ref`'s signature, in C++ (csrc/).
 
 ``torch.ops.rotkern.rotated_adamw_unit_`` steps one rotation unit; this launcher advances the steps and calls
-it once per unit. The math is the reference's (SPEC section 1): per block of n coordinates, gather the
-gradient through pi, rotate it (``X R^T``, a BLAS GEMM over a tile of blocks), update Adam's moments in the
-rotated layout, rotate the update back (``U R``) and scatter it through pi with decoupled weight decay. Tiles
-run in parallel over the CPU's threads (``torch.get_num_threads()``); memory beyond the caller's tensors is
-two tile buffers per thread, never a d-sized temporary.
+it once per rotated unit, and once for all unrotated units of a step that share a dtype pair and a step count
+(scope ``none`` is then a single call). The math is the reference's (SPEC section 1): per block of n
+coordinates, gather the gradient through pi, rotate it (a BLAS GEMM over a tile of a few hundred blocks),
+update Adam's moments in the rotated layout (vectorised: AVX-512, AVX2 or scalar, chosen at run time), rotate
+the update back and scatter it through pi with decoupled weight decay. Tiles run in parallel over the CPU's
+threads (``torch.get_num_threads()``); the result does not depend on the thread count.
+
+Memory. A flat unit's permutation (global and layer scopes) is kept as streaming tables, 6 bytes per coordinate
+(``torch.ops.rotkern.flat_perm_tables``: an int32 slot and a uint16 position per coordinate, built once per
+unit and cached here instead of the int64 pi), and applied through one fp32 workspace as long as the largest
+such unit (4 bytes per coordinate of it), allocated once per thread and reused by every later step: a random
+gather of d coordinates misses the caches on every element, this way each pass streams (csrc/rotkern_ops.cpp).
+:func:`release_workspace` frees it. Rows and columns units need only two tile buffers per thread.
 
 The extension is optional: build it with ``make ext``. Today it has a CPU path only; CUDA tensors use the
 Triton kernels (``rotkern.kernels.rotated_adamw_step``).
@@ -13,6 +21,7 @@ Triton kernels (``rotkern.kernels.rotated_adamw_step``).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -21,7 +30,7 @@ import torch
 from .._backend import load_ext, why_not_ext
 from ..scopes import Unit
 
-__all__ = ["rotated_adamw_step_ext"]
+__all__ = ["release_workspace", "rotated_adamw_step_ext"]
 
 _LAYOUT = {"identity": 0, "flat": 0, "rows": 1, "cols": 2}
 
@@ -58,7 +67,9 @@ def rotated_adamw_step_ext(
     if reason is not None:
         raise RuntimeError(f"rotated_adamw_step_ext {reason}; got {params[touched[0]].device} params")
     load_ext()
-    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps, touched)
+    checked = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps, touched)
+    if not _inputs_ok(*checked):
+        _check_inputs(*checked)  # raises, naming the param and what is wrong
     for unit in units:
         # The op checks this too, but only after the steps below have advanced: refuse before any change.
         pairs = {(params[i].dtype, grads[i].dtype) for i in unit.params}
@@ -72,8 +83,9 @@ def rotated_adamw_step_ext(
     # Each param steps once, even when it is split over several units (q/k/v), as in the reference.
     torch._foreach_add_([state_steps[i] for i in touched], 1.0)
     op = torch.ops.rotkern.rotated_adamw_unit_
-    for unit in units:
-        members, segs, layout, rot = _describe(unit, decay_mask)
+    hyper = (float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize))
+
+    def call(members, segs, layout, width, shape, rot, tables=(None, None, None)):
         op(
             [params[i] for i in members],
             [grads[i] for i in members],
@@ -84,17 +96,53 @@ def rotated_adamw_step_ext(
             lr_t,
             *segs,
             layout,
-            unit.width,
-            unit.shape[0],
-            unit.shape[1],
+            width,
+            *shape,
             *rot,
-            float(beta1),
-            float(beta2),
-            float(eps),
-            float(weight_decay),
-            bool(amsgrad),
-            bool(maximize),
+            *hyper,
+            *tables,
         )
+
+    identity: dict[tuple, list[Unit]] = {}
+    for unit in units:
+        if unit.rotation is None:
+            # Element-wise units batch into one call per (dtypes, step count): one parallel region for scope none.
+            i = unit.params[0]
+            identity.setdefault((params[i].dtype, grads[i].dtype, float(state_steps[i])), []).append(unit)
+            continue
+        members, segs, layout, rot, tables = _describe(unit, decay_mask)
+        if tables is not None:
+            tables = (*tables, _workspace(unit.shape[1]))
+        call(members, segs, layout, unit.width, unit.shape, rot, tables or (None, None, None))
+    for batch in identity.values():
+        members = list(dict.fromkeys(i for u in batch for i in u.params))
+        local = {p: k for k, p in enumerate(members)}
+        seg = [s for u in batch for s in u.segments]
+        segs = (
+            [local[s.param] for s in seg],
+            [s.start for s in seg],
+            [s.numel for s in seg],
+            [1 if decay_mask is None or decay_mask[s.param] else 0 for s in seg],
+        )
+        call(members, segs, _LAYOUT["flat"], 0, (1, sum(s.numel for s in seg)), (1, None, None, None))
+
+
+_local = threading.local()
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    """This thread's fp32 workspace of at least ``numel`` elements (grown on demand, then reused)."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None or ws.numel() < numel:
+        _local.workspace = None  # drop the old one before allocating the larger
+        ws = _local.workspace = torch.empty(numel, dtype=torch.float32)
+    return ws
+
+
+def release_workspace() -> None:
+    """Free this thread's workspace (4 bytes per coordinate of the largest permuted flat unit stepped so far);
+    the next step that needs it allocates it again."""
+    _local.workspace = None
 
 
 _DESCRIPTIONS: OrderedDict = OrderedDict()
@@ -108,6 +156,15 @@ def _describe(unit: Unit, decay_mask: Sequence[bool] | None):
     if hit is not None and hit[0] is unit:
         _DESCRIPTIONS.move_to_end(key)
         return hit[1]
+    desc = _build_description(unit, decays)
+    _DESCRIPTIONS[key] = (unit, desc)
+    if len(_DESCRIPTIONS) > 4096:
+        _DESCRIPTIONS.popitem(last=False)
+    return desc
+
+
+@torch.compiler.disable  # built once per unit and cached; host work (numpy streams, the tables' O(L) pass)
+def _build_description(unit: Unit, decays: tuple[int, ...]):
     members = unit.params
     local = {p: k for k, p in enumerate(members)}
     segs = (
@@ -117,16 +174,35 @@ def _describe(unit: Unit, decay_mask: Sequence[bool] | None):
         list(decays),
     )
     r = unit.rotation
-    if r is None:
-        rot = (1, None, None, None)
+    blocks = (r.block(torch.float32, "cpu"), r.residual_block(torch.float32, "cpu"))
+    perm, tables = None, None
+    if unit.layout == "flat" and r.perm_stream is not None:
+        # Streaming tables instead of the int64 pi (6 bytes per coordinate, not 8); pi itself is not kept.
+        pi = r.permutation("cpu", cache=False)
+        tables = tuple(torch.ops.rotkern.flat_perm_tables(pi, r.block_size)[:2])
+        del pi
     else:
-        blocks = (r.block(torch.float32, "cpu"), r.residual_block(torch.float32, "cpu"))
-        rot = (r.block_size, r.permutation("cpu"), *blocks)
-    desc = (members, segs, _LAYOUT[unit.layout], rot)
-    _DESCRIPTIONS[key] = (unit, desc)
-    if len(_DESCRIPTIONS) > 4096:
-        _DESCRIPTIONS.popitem(last=False)
-    return desc
+        perm = r.permutation("cpu")  # rows / columns: one pi as long as a row, shared by all rows
+    return members, segs, _LAYOUT[unit.layout], (r.block_size, perm, *blocks), tables
+
+
+def _inputs_ok(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, touched) -> bool:
+    """The checks of :func:`_check_inputs` in one cheap pass (every step runs it; the messages only on failure)."""
+    dev, f32 = params[touched[0]].device, torch.float32
+    for i in touched:
+        p, g, m, v, s = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        ts = (p, g, m, v) if max_exp_avg_sqs is None else (p, g, m, v, max_exp_avg_sqs[i])
+        if g is None or m is None or v is None or s is None or ts[-1] is None:
+            return False
+        shape = p.shape
+        for t in ts:
+            if t.shape != shape or t.device != dev or not t.is_contiguous():
+                return False
+        if p.dtype not in _DTYPES or g.dtype not in _DTYPES or any(t.dtype != f32 for t in ts[2:]):
+            return False
+        if s.dtype != f32 or s.device.type != "cpu" or s.numel() != 1:
+            return False
+    return True
 
 
 def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, touched) -> None:
