@@ -5,6 +5,12 @@ by a block-diagonal matrix ``B = diag(R_n, ..., R_n, R_p)`` that repeats one n x
 ``b = L // n`` times and closes with a residual ``p x p`` block, ``p = L - b n`` (SPEC section 1).
 Memory is O(n^2 + L) and the product is a batched matmul; no L x L matrix is ever formed.
 
+``structure="hadamard"`` replaces the Haar blocks by randomized Walsh-Hadamard blocks, ``H_m D_m / sqrt(m)``
+(Sylvester's H, random signs D): block size and every block a power of two, the residual split into
+power-of-two blocks by its binary digits (a padded-and-truncated transform would not be orthogonal). The eager
+path applies them by the fast transform in O(L log n) time and O(n) memory; the fused kernels take them as
+the same dense blocks.
+
 Determinism: every random number comes from a counter-based hash (SplitMix64) of ``(seed, tag...)``,
 evaluated with numpy integer arithmetic, so the same seed gives the same bits on any machine, torch
 version or device. Haar blocks are computed in float64 on the CPU and cast afterwards; permutations
@@ -26,7 +32,12 @@ __all__ = [
     "haar_orthogonal",
     "random_permutation",
     "BlockRotation",
+    "STRUCTURES",
+    "fwht",
+    "hadamard_block",
 ]
+
+STRUCTURES = ("haar", "hadamard")
 
 # The fused kernels tile the rotation block in shared memory / registers; past 4096 a block no longer
 # fits a K-tiled loop sensibly, so every backend enforces the same limit.
@@ -138,6 +149,61 @@ def _haar_cached(n: int, seed: int, dtype: torch.dtype, device: str = "cpu") -> 
     return haar_orthogonal(n, Stream(seed, "haar", n), dtype=torch.float64)
 
 
+def fwht(x: torch.Tensor, radix: int = 16) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform along the last dim (a power of two m): ``x H_m`` (H symmetric,
+    Sylvester order, entries +-1). x: (..., m) -> (..., m).
+
+    ``H_m`` is the Kronecker product of small Sylvester blocks (``H_ab = H_a (x) H_b``), so the transform is
+    ceil(log_radix m) passes, each one batched (radix x radix) matmul over a strided view: O(m log m) work, done
+    by the BLAS instead of one elementwise butterfly pass per factor of two.
+    """
+    m = x.shape[-1]
+    if m & (m - 1):
+        raise ValueError(f"fwht: length {m} is not a power of two")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, m)
+    h = 1
+    while h < m:
+        r = min(radix, m // h)
+        hr = _sylvester(r, y.dtype, y.device)
+        if h == 1:  # adjacent entries: one plain GEMM (H_r is symmetric)
+            y = (y.reshape(-1, r) @ hr).view(-1, m)
+        else:  # axis 2 of (rows, m / (r h), r, h) holds the r entries this pass combines, h apart
+            y = torch.matmul(hr, y.view(-1, m // (r * h), r, h))
+        h *= r
+    return y.reshape(*lead, m)
+
+
+@functools.lru_cache(maxsize=64)
+def _sylvester(r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < r:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h.to(dtype=dtype, device=device)
+
+
+def _hadamard_signs(m: int, seed: int) -> torch.Tensor:
+    """D_m's diagonal, +-1 float64 (CPU): one per (seed, m), like the Haar blocks."""
+    bits = Stream(seed, "hadamard", m).uint64(m) >> np.uint64(63)
+    return torch.from_numpy(1.0 - 2.0 * bits.astype(np.float64))
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_scale(m: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return (_hadamard_signs(m, seed) / math.sqrt(m)).to(dtype=dtype, device=device)
+
+
+def hadamard_block(m: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The dense (m, m) block ``H_m D_m / sqrt(m)`` (m a power of two): orthogonal, entries +-1/sqrt(m)."""
+    # fwht(I) = H; scaling its columns by the signs gives H D.
+    return (fwht(torch.eye(m, dtype=torch.float64)) * _hadamard_signs(m, seed)).div_(math.sqrt(m)).to(dtype)
+
+
+def _pow2_parts(p: int) -> list[int]:
+    """p as a sum of distinct powers of two, largest first (its binary digits)."""
+    return [1 << k for k in range(p.bit_length() - 1, -1, -1) if p >> k & 1]
+
+
 class BlockRotation:
     """The orthogonal map ``x -> B(pi x)`` on vectors of length ``length``.
 
@@ -150,12 +216,18 @@ class BlockRotation:
         block_size: n, 1 <= n <= MAX_BLOCK_SIZE. Vectors shorter than n get a single L x L block.
         seed: int seed of the rotation blocks.
         perm_stream: tags that identify this vector family's permutation, or None for no permutation.
+        structure: ``haar`` (default) or ``hadamard`` (block_size a power of two; see the module docstring:
+            R_n is ``H_n D_n / sqrt(n)``, R_p the block-diagonal of p's power-of-two parts).
     """
 
-    def __init__(self, length: int, block_size: int, seed: int, perm_stream: tuple | None = None) -> None:
+    def __init__(
+        self, length: int, block_size: int, seed: int, perm_stream: tuple | None = None, structure: str = "haar"
+    ) -> None:
         if length < 1:
             raise ValueError(f"BlockRotation: length must be >= 1, got {length}")
         check_block_size(block_size)
+        check_structure(structure, block_size)
+        self.structure = structure
         self.length = int(length)
         self.block_size = int(block_size)
         self.seed = int(seed)
@@ -169,6 +241,8 @@ class BlockRotation:
         """R_n, (n, n), or None when the vector is shorter than one block."""
         if self.num_blocks == 0:
             return None
+        if self.structure == "hadamard":
+            return _hadamard_cached((self.block_size,), self.seed, dtype, str(torch.device(device)))
         return _haar_cached(self.block_size, self.seed, dtype, str(torch.device(device)))
 
     def residual_block(
@@ -177,6 +251,8 @@ class BlockRotation:
         """R_p, (p, p), or None when p = 0."""
         if self.residual == 0:
             return None
+        if self.structure == "hadamard":
+            return _hadamard_cached(tuple(_pow2_parts(self.residual)), self.seed, dtype, str(torch.device(device)))
         return _haar_cached(self.residual, self.seed, dtype, str(torch.device(device)))
 
     def permutation(self, device: torch.device | str = "cpu", *, cache: bool = True) -> torch.Tensor | None:
@@ -216,7 +292,8 @@ class BlockRotation:
         return self._cache[key]
 
     def spec(self) -> dict:
-        return {"length": self.length, "block_size": self.block_size, "seed": self.seed, "perm": self.perm_stream}
+        spec = {"length": self.length, "block_size": self.block_size, "seed": self.seed, "perm": self.perm_stream}
+        return spec if self.structure == "haar" else {**spec, "structure": self.structure}
 
     # -- action on row vectors ----------------------------------------------------------------------
     def rotate(self, x: torch.Tensor, *, squared: bool = False) -> torch.Tensor:
@@ -244,6 +321,11 @@ class BlockRotation:
         if forward and self.perm_stream is not None:
             x = x[:, self.permutation(dev)]
         full = self.num_blocks * self.block_size
+        if self.structure == "hadamard" and not squared:
+            out = self._hadamard(x, forward)
+            if not forward and self.perm_stream is not None:
+                out = out[:, self.inverse_permutation(dev)]
+            return out.reshape(*lead, self.length)
         out = torch.empty_like(x)
         r_n, r_p = self.block(dt, dev), self.residual_block(dt, dev)
         if squared:
@@ -257,6 +339,23 @@ class BlockRotation:
         if not forward and self.perm_stream is not None:
             out = out[:, self.inverse_permutation(dev)]
         return out.reshape(*lead, self.length)
+
+    def _hadamard(self, x: torch.Tensor, forward: bool) -> torch.Tensor:
+        """Rows of x (already permuted when forward) through the Hadamard blocks by the fast transform.
+
+        Per block of size m: forward ``y = x (H D / sqrt(m))^T = fwht(x D) / sqrt(m)``, backward
+        ``x = y (H D / sqrt(m)) = fwht(y) D / sqrt(m)`` (H symmetric)."""
+        out = torch.empty_like(x)
+        start = 0
+        sizes = [self.block_size] * min(self.num_blocks, 1) + _pow2_parts(self.residual)
+        for k, m in enumerate(sizes):
+            stop = start + (self.num_blocks * m if k == 0 and self.num_blocks else m)
+            seg = x[:, start:stop].reshape(-1, m)
+            scale = _hadamard_scale(m, self.seed, x.dtype, x.device)  # D / sqrt(m), one pass with the signs
+            y = fwht(seg * scale) if forward else fwht(seg).mul_(scale)
+            out[:, start:stop] = y.reshape(x.shape[0], stop - start)
+            start = stop
+        return out
 
     def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The L x L matrix ``B P`` (testing oracle; only for small L). Built from the components."""
@@ -272,6 +371,28 @@ class BlockRotation:
         p = torch.zeros(self.length, self.length, dtype=dtype)
         p[torch.arange(self.length), perm] = 1.0
         return b @ p
+
+
+@torch.compiler.disable
+@functools.lru_cache(maxsize=128)
+def _hadamard_cached(parts: tuple[int, ...], seed: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """block_diag of hadamard_block(m) over ``parts``: R_n (one part) or a residual block (its binary parts)."""
+    if device != "cpu" or dtype != torch.float64:
+        return _hadamard_cached(parts, seed, torch.float64).to(device=device, dtype=dtype)
+    return torch.block_diag(*[hadamard_block(m, seed) for m in parts]).contiguous()
+
+
+def check_structure(structure: object, block_size: int, name: str = "structure") -> str:
+    """Validate a block structure (``haar`` or ``hadamard``, the latter with a power-of-two block size)."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"{name}={structure!r} is not one of {STRUCTURES}")
+    if structure == "hadamard" and block_size & (block_size - 1):
+        lo = 1 << (block_size.bit_length() - 1)
+        raise ValueError(
+            f"{name}='hadamard' needs a power-of-two block_size (Walsh-Hadamard blocks), got {block_size}; "
+            f"use block_size={lo} or {2 * lo}"
+        )
+    return structure
 
 
 def check_block_size(block_size: object, name: str = "block_size") -> int:

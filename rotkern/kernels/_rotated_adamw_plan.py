@@ -194,10 +194,10 @@ def build_plan(
             q0 = np.r_[q0, rot.num_blocks * n]
             nbs = np.r_[nbs, rot.residual]
         for nb in np.unique(nbs).tolist():
-            if (rot.seed, nb) not in rots:
+            if (rot.seed, nb, rot.structure) not in rots:
                 r = rot.block() if nb == n else rot.residual_block()
                 stride = -(-nb // 16) * 16
-                rots[(rot.seed, nb)] = (rot_len, stride, r)
+                rots[(rot.seed, nb, rot.structure)] = (rot_len, stride, r)
                 rot_len += stride * nb
         if multi:
             mlo = glo + np.searchsorted(cum, q0, side="right") - 1
@@ -215,8 +215,8 @@ def build_plan(
         rows[..., 7] = poff
         rows[..., 8] = u.params[0]
         reps = len(rbase)
-        offs = np.array([rots[(rot.seed, nb)][0] for nb in nbs.tolist()], np.int64)
-        strides = np.array([rots[(rot.seed, nb)][1] for nb in nbs.tolist()], np.int64)
+        offs = np.array([rots[(rot.seed, nb, rot.structure)][0] for nb in nbs.tolist()], np.int64)
+        strides = np.array([rots[(rot.seed, nb, rot.structure)][1] for nb in nbs.tolist()], np.int64)
         # Gathers through pi, strided columns and multi-tensor units go through the workspace first.
         staged = poff >= 0 or es != 1 or multi
         parts.append(

@@ -12,7 +12,7 @@ rotated_adamw_ref — one step of rotated AdamW (paper Alg 4) over one parameter
 
 The operation order is torch.optim.AdamW's (single-tensor path), so identity units reproduce it.
 
-SVD units (rotation="svd", paper Alg 5; :class:`rotkern.scopes.SvdRotation`) replace B(pi .) by a two-sided
+SVD units (rotation="svd", paper Alg 5; :class:`rotkern.bases.SvdRotation`) replace B(pi .) by a two-sided
 rotation of the unit's (k, w) matrix G, with bases recomputed from the current gradient at steps
 t = 1, 1 + F, 1 + 2F, ... (F = svd_every):
 
@@ -24,6 +24,16 @@ t = 1, 1 + F, 1 + 2F, ... (F = svd_every):
 At a recompute step g~ is set to S (diagonal, zero elsewhere) instead of computing L^T G R: the two are
 equal in exact arithmetic, and the product would leave fp32 rounding noise (~1e-7 sigma_1) in the zero
 coordinates, which Adam's first step (v = 0 there) turns into full +-lr updates along random directions.
+
+Eigen units (rotation="eigen", SOAP; :class:`rotkern.bases.EigenRotation`) rotate by the eigenbases Q_L, Q_R of
+EMAs of G G^T and G^T G: step 1 only sets the factors to G G^T, G^T G and Q from eigh (SOAP's skipped first step;
+bias corrections then count from step 2); later steps run Adam on g~ = Q_L^T G Q_R with d = Q_L u Q_R^T, after
+the update the factors take in G, and at multiples of precondition_every Q is refreshed by one power iteration
+and a QR.
+
+At a basis change (every recompute after the first, every refresh), the moments follow ``basis_change``
+(:data:`rotkern.bases.BASIS_CHANGES`): kept, transported (m exactly, v by the squared change of basis), m
+transported and v kept, or reset (zeroed, bias correction counted from the change: state ``basis_reset_at``).
 
 rotated_sgdm_ref — rotated SGD with momentum (torch.optim.SGD semantics in the rotated basis):
 
@@ -40,7 +50,8 @@ from collections.abc import MutableMapping, Sequence
 
 import torch
 
-from ..scopes import SvdRotation, Unit
+from ..bases import DEFAULT_BASIS_CHANGE, DynamicRotation, EigenRotation, SvdRotation
+from ..scopes import Unit
 
 __all__ = ["rotated_adamw_ref", "rotated_sgdm_ref"]
 
@@ -69,6 +80,10 @@ def rotated_adamw_ref(
     maximize: bool = False,
     svd_bases: Sequence[MutableMapping[str, torch.Tensor] | None] | None = None,
     svd_every: int = 250,
+    precondition_every: int = 10,
+    shampoo_beta: float = 0.95,
+    basis_change: str = "auto",
+    basis_stats: MutableMapping[str, int] | None = None,
 ) -> None:
     """One rotated AdamW step, in place, for the given units of one parameter group.
 
@@ -80,33 +95,54 @@ def rotated_adamw_ref(
             (a parameter split into several units, e.g. q/k/v, still counts one step).
         units: the units to step (``Unit.segments`` index into the lists above).
         decay_mask: per-parameter bool; parameters with False get no weight decay.
-        svd_bases: needed when ``units`` has svd units: per parameter, a mutable mapping that holds its bases
-            (the optimizer passes the param's state dict; keys ``svd_u``, ``svd_v``, ... as in
-            :class:`~rotkern.scopes.SvdRotation`). Written at recompute steps, read at the others.
+        svd_bases: needed when ``units`` has svd or eigen units: per parameter, a mutable mapping that holds its
+            bases (the optimizer passes the param's state dict; keys as in :mod:`rotkern.bases`), and
+            ``basis_reset_at`` after a reset. Written at basis changes, read at the other steps.
         svd_every: F; svd units recompute their bases at steps t with (t - 1) % F == 0.
+        precondition_every, shampoo_beta: eigen units: refresh period and the factors' EMA coefficient.
+        basis_change: ``auto`` (svd: ``keep``; eigen: ``transport_m``) or one of
+            :data:`rotkern.bases.BASIS_CHANGES`.
+        basis_stats: counts of decomposition fallbacks (see :func:`rotkern.bases.robust_decomposition`).
     """
     p_flat, g_flat = _flat(params), _flat(grads)
     m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
     vmax_flat = _flat(max_exp_avg_sqs) if amsgrad else None
     _advance_steps(state_steps, units)
+    reset_at: dict[int, float] = {}
     for unit in units:
         members = unit.params
         step = float(state_steps[members[0]])
         cdt = exp_avgs[members[0]].dtype
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
 
         g = unit.view(g_flat).to(cdt)
         if maximize:
             g = -g
         rot = unit.rotation
-        svd = isinstance(rot, SvdRotation)
-        if svd:
-            g, bases = _svd_rotate(rot, g, svd_bases, members[0], step, svd_every)
-        elif rot is not None:
-            g = rot.rotate(g)
         m = unit.view(m_flat)
         v = unit.view(v_flat)
+        dynamic = isinstance(rot, DynamicRotation)
+        if dynamic:
+            store = _basis_store(svd_bases, members[0])
+            change = DEFAULT_BASIS_CHANGE[unit.layout] if basis_change == "auto" else basis_change
+            moments = [m, v] + ([unit.view(vmax_flat)] if amsgrad else [])
+            g_in = g
+            if isinstance(rot, SvdRotation):
+                g, bases = _svd_rotate(rot, g, store, step, svd_every, change, moments, basis_stats)
+            else:
+                rotated = _eigen_rotate(rot, g, store, step, basis_stats)
+                if rotated is None:
+                    continue
+                g, bases = rotated
+            # After a reset the bias corrections count from the basis change: read once per param and step, after
+            # an svd recompute (which resets at the start of the step) and before an eigen refresh (at its end), so
+            # every piece of a param counts alike.
+            if members[0] not in reset_at:
+                reset_at[members[0]] = float(store.get("basis_reset_at", 0.0))
+            step -= reset_at[members[0]]
+        elif rot is not None:
+            g = rot.rotate(g)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if amsgrad:
@@ -120,7 +156,12 @@ def rotated_adamw_ref(
         unit.write(m_flat, m)
         unit.write(v_flat, v)
         update = m / denom
-        if svd:
+        if dynamic:
+            if eps == 0:
+                # v = 0 means every g~ so far was exactly 0 there (the zero padding of S at an SVD recompute), so
+                # m = 0 too: the eps -> 0 limit of 0 / (0 + eps) is 0, not NaN (the paper's beta1 = beta2 = eps = 0
+                # link to Muon, U V^T, needs it).
+                update = torch.where(denom > 0, update, 0.0)
             update = rot.unrotate(update, bases)
         elif rot is not None:
             update = rot.unrotate(update)
@@ -134,32 +175,104 @@ def rotated_adamw_ref(
         p32.add_(update, alpha=-lr / bias_correction1)
         unit.write(p_flat, p32.to(p.dtype))
 
+        if isinstance(rot, EigenRotation):
+            # SOAP's order: the factors take in this step's gradient after it was applied, then maybe a refresh.
+            rot.accumulate(bases, g_in, shampoo_beta)
+            t = float(state_steps[members[0]])
+            if int(t) % precondition_every == 0:
+                new, order = rot.refresh(bases, basis_stats)
+                _change_moments(rot, moments, bases, new, change, store, t, order)  # views: in place
+                rot.save(store, new)
+
+
+def _basis_store(svd_bases, param: int) -> MutableMapping[str, torch.Tensor]:
+    store = None if svd_bases is None else svd_bases[param]
+    if store is None:
+        raise ValueError(
+            "rotated_adamw_ref: svd and eigen units need svd_bases (a mapping per parameter to keep the bases in)"
+        )
+    return store
+
 
 def _svd_rotate(
     rot: SvdRotation,
     g: torch.Tensor,
-    svd_bases: Sequence[MutableMapping[str, torch.Tensor] | None] | None,
-    param: int,
+    store: MutableMapping[str, torch.Tensor],
     step: float,
     svd_every: int,
+    change: str,
+    moments: list[torch.Tensor],
+    stats: MutableMapping[str, int] | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(g~, bases) of an svd unit at ``step``: new bases from g at a recompute step, else the stored ones."""
-    store = None if svd_bases is None else svd_bases[param]
-    if store is None:
-        raise ValueError("rotated_adamw_ref: svd units need svd_bases (a mapping per parameter to keep the bases in)")
+    """(g~, bases) of an svd unit at ``step``: new bases from g at a recompute step (the moments carried across
+    per ``change``), else the stored ones."""
+    old = rot.load(store)
     if (int(step) - 1) % svd_every == 0:
-        s, bases = rot.compute(g)
-        rot.save(store, bases)
-        g_rot = torch.zeros_like(g)
-        g_rot.diagonal()[: rot.rank] = s  # = L^T g R exactly; see the module docstring
-        return g_rot, rot.load(store)
-    bases = rot.load(store)
-    if bases is None:
+        computed = rot.compute(g, stats)
+        if computed is not None:
+            s, bases = computed
+            if old is not None:
+                _change_moments(rot, moments, old, bases, change, store, step - 1)
+            rot.save(store, bases)
+            g_rot = torch.zeros_like(g)
+            g_rot.diagonal()[: rot.rank] = s  # = L^T g R exactly; see the module docstring
+            return g_rot, rot.load(store)
+        if old is None:  # failed at the very first recompute: the standard basis until the next one
+            rot.save(store, rot.identity_bases(g.dtype, g.device))
+            old = rot.load(store)
+    if old is None:
         raise ValueError(
             f"svd unit {rot!r} has no bases at step {int(step)}: they are computed at steps 1, 1 + F, ... "
             "(F = svd_every); a checkpoint that lacks them cannot continue"
         )
+    return rot.rotate(g, old), old
+
+
+def _eigen_rotate(
+    rot: EigenRotation, g: torch.Tensor, store: MutableMapping[str, torch.Tensor], step: float, stats
+) -> tuple[torch.Tensor, dict] | None:
+    """(g~, bases) of an eigen unit, or None at step 1, which only builds the first factors and basis (SOAP's
+    skipped first step; see :class:`~rotkern.bases.EigenRotation`). The pieces of a param share its state
+    tensors, so the step, not the tensors' presence, says whether this piece has a basis yet."""
+    bases = rot.load(store)
+    if bases is None or int(step) == 1:
+        rot.save(store, rot.initial(g, stats))
+        store["basis_reset_at"] = torch.tensor(float(step), dtype=torch.float32, device=g.device)
+        return None
     return rot.rotate(g, bases), bases
+
+
+def _change_moments(
+    rot: DynamicRotation,
+    moments: list[torch.Tensor],
+    old: dict,
+    new: dict,
+    change: str,
+    store: MutableMapping[str, torch.Tensor],
+    done_steps: float,
+    order: dict | None = None,
+) -> None:
+    """Carry m, v (and amsgrad's max) from the ``old`` bases into the ``new`` ones, in place, per ``change``.
+
+    ``order``: the slot order of an eigen refresh (what ``keep`` follows); ``done_steps``: steps taken before the
+    change (a reset counts the bias corrections from there).
+    """
+    m, *second = moments
+    if change == "reset":
+        for t in moments:
+            t.zero_()
+        store["basis_reset_at"] = torch.tensor(float(done_steps), dtype=torch.float32, device=m.device)
+        return
+    old = {k: t.clone() for k, t in old.items()}  # views into the store, which the caller overwrites next
+    if change in ("transport", "transport_m"):
+        m.copy_(rot.change_basis(m, old, new))
+    elif order is not None:
+        m.copy_(rot.reorder(m, order))
+    for t in second:
+        if change == "transport":
+            t.copy_(rot.change_basis(t, old, new, squared=True).clamp_(min=0))
+        elif order is not None:
+            t.copy_(rot.reorder(t, order))
 
 
 def _advance_steps(state_steps: Sequence[torch.Tensor], units: Sequence[Unit]) -> None:
@@ -187,10 +300,12 @@ def rotated_sgdm_ref(
     momentum: float,
     dampening: float,
     weight_decay: float,
+    decay_mask: Sequence[bool] | None = None,
     nesterov: bool = False,
     maximize: bool = False,
 ) -> None:
-    """One rotated SGD-with-momentum step, in place (see the module docstring for the math)."""
+    """One rotated SGD-with-momentum step, in place (see the module docstring for the math); ``decay_mask`` as in
+    :func:`rotated_adamw_ref` (False: no weight decay for that parameter)."""
     p_flat, g_flat, b_flat = _flat(params), _flat(grads), _flat(momentum_buffers)
     _advance_steps(state_steps, units)
     for unit in units:
@@ -202,9 +317,10 @@ def rotated_sgdm_ref(
         if maximize:
             g = -g
         if weight_decay != 0:
-            g = g.add(p.to(cdt), alpha=weight_decay)
-        if isinstance(unit.rotation, SvdRotation):
-            raise ValueError("rotated_sgdm_ref: rotation='svd' is implemented for AdamW only")
+            decay = _decay_row(unit, decay_mask, g)
+            g = g.add(p.to(cdt) * (1.0 if decay is None else decay), alpha=weight_decay)
+        if isinstance(unit.rotation, DynamicRotation):
+            raise ValueError(f"rotated_sgdm_ref: rotation={unit.layout!r} is implemented for AdamW only")
         if unit.rotation is not None:
             g = unit.rotation.rotate(g)
         buf = unit.view(b_flat)

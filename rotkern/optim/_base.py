@@ -36,13 +36,14 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..rotations import check_block_size
+from ..bases import BASIS_CHANGES
+from ..rotations import check_block_size, check_structure
 from ..scopes import (
     ALL_SCOPES,
     EMBEDDING_ORIENTATIONS,
     ROLES,
     VECTOR_POLICIES,
-    SvdRotation,
+    DynamicRotation,
     Unit,
     build_units,
     infer_roles,
@@ -53,14 +54,20 @@ log = logging.getLogger("rotkern")
 _warned: set[tuple] = set()
 
 # Group keys that decide the units (cached per group; they may not change once the moments exist).
-UNIT_KEYS = ("rotation", "block_size", "seed", "split_qkv", "embedding", "vectors", "roles", "shapes", "frozen")
+UNIT_KEYS = (
+    "rotation", "block_size", "seed", "split_qkv", "embedding", "vectors", "roles", "shapes", "frozen",
+    "max_precond_dim", "structure",
+)  # fmt: skip
 # Group keys that decide which basis the moments live in: a checkpoint must agree on all of them. svd_every
 # only sets when the next SVD basis is computed, so it may change between steps of a live optimizer; it is
-# compared only for rotation="svd" groups (checkpoints older than the svd scope lack it).
+# compared only for rotation="svd" groups (checkpoints older than the svd scope lack it), and max_precond_dim
+# only for rotation="eigen" groups.
 SPEC_KEYS = UNIT_KEYS + ("svd_every",)
+# Options of the dynamic scopes, checked for every group that has them.
+DYNAMIC_KEYS = ("svd_every", "precondition_every", "shampoo_beta", "max_precond_dim", "basis_change")
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 # Scopes whose units depend on roles that only names reveal (fused QKV, embeddings).
-_ROLE_SCOPES = ("layer", "output", "input", "svd")
+_ROLE_SCOPES = ("layer", "output", "input", "svd", "eigen")
 
 
 @dataclass
@@ -82,10 +89,14 @@ class RotatedOptimizerBase(Optimizer):
     """Base class: a torch Optimizer whose param groups carry rotation options.
 
     Group keys beyond the optimizer's hyperparameters:
-        rotation: scope name (``none``, ``global``, ``layer``, ``output``, ``input``, and ``svd`` where the
-            subclass sets ``_supports_svd``).
+        rotation: scope name (``none``, ``global``, ``layer``, ``output``, ``input``, and the dynamic ``svd`` and
+            ``eigen`` where the subclass sets ``_supports_dynamic``).
         svd_every: F, the SVD basis period of the ``svd`` scope (optimizers that support it).
+        precondition_every, shampoo_beta, max_precond_dim: the ``eigen`` scope's refresh period, factor EMA
+            coefficient and largest side with a basis.
+        basis_change: what the moments do at a basis change of a dynamic scope (:mod:`rotkern.bases`).
         block_size, seed: Haar block size n and the rotation seed.
+        structure: ``haar`` (Haar-random blocks, the paper's) or ``hadamard`` (randomized Walsh-Hadamard blocks).
         split_qkv, embedding, vectors: scope options (see :mod:`rotkern.scopes`).
         names, roles: optional per-parameter names and roles (see :func:`rotkern.param_groups_for`); params
             given as ``(name, tensor)`` pairs also get torch's ``param_names``.
@@ -96,15 +107,17 @@ class RotatedOptimizerBase(Optimizer):
     """
 
     _moment_keys: tuple[str, ...] = ()
-    # Whether the step implements rotation="svd" (it needs the basis recompute in the step).
-    _supports_svd = False
+    # Whether the step implements the dynamic scopes (svd, eigen: the basis changes happen in the step).
+    _supports_dynamic = False
     # Attributes beyond torch's defaults/state/param_groups that copies (deepcopy, pickle) must keep.
-    _config_attrs: tuple[str, ...] = ("compute_dtype",)
+    _config_attrs: tuple[str, ...] = ("compute_dtype", "basis_stats")
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], compute_dtype: torch.dtype) -> None:
         if compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
         self.compute_dtype = compute_dtype
+        # Decomposition fallbacks of the dynamic scopes (rotkern.bases.robust_decomposition): kind -> count.
+        self.basis_stats: dict[str, int] = {}
         self._unit_cache: dict[int, tuple[tuple, tuple, list[Unit]]] = {}
         super().__init__(_normalise_params(params), defaults)
 
@@ -117,6 +130,7 @@ class RotatedOptimizerBase(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("compute_dtype", torch.float32)
+        self.__dict__.setdefault("basis_stats", {})
         # Units hold caches bound to this object's state (svd bases); copies rebuild their own.
         self._unit_cache = {}
         for group in self.param_groups:
@@ -188,14 +202,14 @@ class RotatedOptimizerBase(Optimizer):
                 raise ValueError(f"{_label(names, gi, i)}: dtype {p.dtype} is not a floating-point dtype")
         if group["rotation"] not in ALL_SCOPES:
             raise ValueError(f"param group {gi}: unknown rotation {group['rotation']!r}; choose one of {ALL_SCOPES}")
-        if group["rotation"] == "svd" and not self._supports_svd:
+        if group["rotation"] in ("svd", "eigen") and not self._supports_dynamic:
             raise ValueError(
-                f"param group {gi}: rotation='svd' (paper Alg 5) is implemented for RotatedAdamW and "
-                f"FusedRotatedAdamW only, not {type(self).__name__}"
+                f"param group {gi}: rotation={group['rotation']!r} (a dynamic basis) is implemented for RotatedAdamW "
+                f"and FusedRotatedAdamW only, not {type(self).__name__}"
             )
-        if "svd_every" in group:
-            check_svd_every(group["svd_every"], f"param group {gi}: svd_every")
+        _check_dynamic_options(group, f"param group {gi}: ")
         check_block_size(group["block_size"], f"param group {gi}: block_size")
+        check_structure(group.get("structure", "haar"), group["block_size"], f"param group {gi}: structure")
         if isinstance(group["seed"], bool) or not isinstance(group["seed"], numbers.Integral):
             raise ValueError(f"param group {gi}: seed must be an int, got {group['seed']!r}")
         if group["embedding"] not in EMBEDDING_ORIENTATIONS:
@@ -233,6 +247,8 @@ class RotatedOptimizerBase(Optimizer):
             embedding=group["embedding"],
             vectors=group["vectors"],
             frozen=group["frozen"],
+            max_precond_dim=group.get("max_precond_dim", 10000),
+            structure=group.get("structure", "haar"),
         )
         return units
 
@@ -240,9 +256,9 @@ class RotatedOptimizerBase(Optimizer):
         values = [group.get(k) for k in UNIT_KEYS]
         quick = tuple(id(v) if isinstance(v, list) else v for v in values)
         spec = tuple(_freeze(v) for v in values)
-        # svd units read their current bases from this optimizer's state (for rotate(x) outside the step).
+        # Dynamic units read their current bases from this optimizer's state (for rotate(x) outside the step).
         for unit in units:
-            if isinstance(unit.rotation, SvdRotation):
+            if isinstance(unit.rotation, DynamicRotation):
                 unit.rotation.bind(self.state, group["params"][unit.params[0]])
         self._unit_cache[gi] = (quick, spec, units)
 
@@ -440,14 +456,14 @@ class RotatedOptimizerBase(Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _svd_state_shapes(self) -> dict[int, dict[str, tuple[int, ...]]]:
-        """id(param) -> {state key: shape} of the SVD bases its svd units keep (params of svd groups only)."""
+    def _basis_state_shapes(self) -> dict[int, dict[str, tuple[int, ...]]]:
+        """id(param) -> {state key: shape} of the bases its dynamic units keep (params of svd/eigen groups only)."""
         out: dict[int, dict[str, tuple[int, ...]]] = {}
         for gi, g in enumerate(self.param_groups):
-            if g["rotation"] != "svd":
+            if g["rotation"] not in ("svd", "eigen"):
                 continue
             for unit in self.units(gi):
-                if isinstance(unit.rotation, SvdRotation):
+                if isinstance(unit.rotation, DynamicRotation):
                     out.setdefault(id(g["params"][unit.params[0]]), {}).update(unit.rotation.state_shapes())
         return out
 
@@ -457,9 +473,9 @@ class RotatedOptimizerBase(Optimizer):
 
         ``vec`` concatenates every param's flattened values in param-group order; moments are stored in
         the same order, so AdamW run on ``D vec(g)`` with updates mapped back by ``D^T`` is the oracle for
-        this optimizer. Only for small models (d <= 4096). svd units contribute their current bases
-        (``kron(L^T, R^T)`` on the matrix's row-major entries), which change every ``svd_every`` steps, and
-        the identity before their first step.
+        this optimizer. Only for small models (d <= 4096). svd and eigen units contribute their current bases
+        (``kron(L^T, R^T)`` on the matrix's row-major entries), which change every ``svd_every`` /
+        ``precondition_every`` steps, and the identity before their first step.
         """
         numels = [p.numel() for g in self.param_groups for p in g["params"]]
         d = sum(numels)
@@ -471,7 +487,7 @@ class RotatedOptimizerBase(Optimizer):
             gn = [p.numel() for p in g["params"]]
             for unit in self.units(gi):
                 idx = unit_index_map(unit, gn) + offset
-                if isinstance(unit.rotation, SvdRotation):
+                if isinstance(unit.rotation, DynamicRotation):
                     flat = idx.reshape(-1)
                     out[flat.unsqueeze(1), flat.unsqueeze(0)] = unit.rotation.dense(dtype)
                     continue
@@ -553,6 +569,24 @@ def _freeze(x):
     if isinstance(x, (list, tuple)):
         return tuple(_freeze(v) for v in x)
     return x
+
+
+def _check_dynamic_options(group: dict[str, Any], where: str) -> None:
+    """The dynamic scopes' group options, where present (ValueError naming the option and the fix)."""
+    for key in ("svd_every", "precondition_every"):
+        if key in group:
+            check_svd_every(group[key], f"{where}{key}")
+    if "max_precond_dim" in group:
+        v = group["max_precond_dim"]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{where}max_precond_dim must be a positive int (SOAP's default is 10000), got {v!r}")
+    if "shampoo_beta" in group:
+        check_hyper("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, where=where)
+    if "basis_change" in group and group["basis_change"] not in ("auto",) + BASIS_CHANGES:
+        raise ValueError(
+            f"{where}basis_change={group['basis_change']!r} is not one of {('auto',) + BASIS_CHANGES} "
+            "(what the moments do when a dynamic basis changes; see rotkern.bases)"
+        )
 
 
 def check_svd_every(value: object, name: str = "svd_every") -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..scopes import SvdRotation
+from ..bases import DynamicRotation
 from ._base import SPEC_KEYS, RotatedOptimizerBase, _freeze, _label
 
 FORMAT = 2
@@ -163,7 +163,7 @@ def unpack(opt: RotatedOptimizerBase, state_dict: Mapping) -> tuple[defaultdict,
         id_map.update(zip(sg["params"], g["params"], strict=True))
     labels = {id(p): _label(g["names"], gi, i) for gi, g in enumerate(groups) for i, p in enumerate(g["params"])}
     rotated = rotated_scopes(opt)
-    svd_shapes = opt._svd_state_shapes()
+    svd_shapes = opt._basis_state_shapes()
     new_state: defaultdict = defaultdict(dict)
     for pid, st in state_dict["state"].items():
         if pid not in id_map:
@@ -188,6 +188,10 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
             mine, theirs = [strip_wrappers(x) for x in mine], [strip_wrappers(x) for x in theirs]
         if key == "svd_every" and (g.get("rotation") != "svd" or "svd_every" not in sg):
             continue
+        if key == "max_precond_dim" and (g.get("rotation") != "eigen" or key not in sg):
+            continue
+        if key == "structure":  # checkpoints older than the option are Haar
+            mine, theirs = mine or "haar", theirs or "haar"
         if key == "frozen":
             if g.get("rotation") == "none":
                 continue
@@ -236,11 +240,11 @@ def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, labe
     if missing:
         raise ValueError(f"checkpoint state of {label} lacks {missing}; it was saved by another optimizer")
     step = _step_value(st["step"], label)
-    have_svd = sorted(k for k in st if isinstance(k, str) and k.startswith("svd_"))
+    have_svd = sorted(k for k in st if isinstance(k, str) and k.startswith(("svd_", "eigen_")))
     # Bases exist from step 1 on; without them the moments' basis is lost.
     if (have_svd or step >= 1) and have_svd != sorted(want_svd):
         raise ValueError(
-            f"checkpoint state of {label} has SVD basis keys {have_svd}, this optimizer expects {sorted(want_svd)}"
+            f"checkpoint state of {label} has basis keys {have_svd}, this optimizer expects {sorted(want_svd)}"
         )
     new = {"step": torch.tensor(step, dtype=torch.float32, device=opt._step_device(p))}
     for key, val in st.items():
@@ -249,9 +253,9 @@ def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, labe
         if not torch.is_tensor(val):
             new[key] = copy.deepcopy(val)
             continue
-        want = want_svd.get(key, tuple(p.shape))
+        want = want_svd.get(key, () if key == "basis_reset_at" else tuple(p.shape))
         if tuple(val.shape) != want:
-            what = "the SVD bases of this param need" if key in want_svd else "the param has"
+            what = "the bases of this param need" if key in want_svd else "the param has"
             raise ValueError(f"checkpoint state '{key}' of {label} has shape {tuple(val.shape)}, {what} {want}")
         if not (val.is_floating_point() or val.is_complex()):
             raise ValueError(f"checkpoint state '{key}' of {label} has dtype {val.dtype}; expected floating point")
@@ -280,7 +284,7 @@ def _check_units(opt: RotatedOptimizerBase, new_state: Mapping, labels: Mapping)
     for gi, group in enumerate(opt.param_groups):
         params = group["params"]
         for unit in opt.units(gi):
-            if len(unit.params) < 2 or isinstance(unit.rotation, SvdRotation):
+            if len(unit.params) < 2 or isinstance(unit.rotation, DynamicRotation):
                 continue
             members = [params[i] for i in unit.params]
             have = [p for p in members if p in new_state]

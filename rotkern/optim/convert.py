@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..scopes import SvdRotation, Unit, build_units
+from ..bases import DynamicRotation
+from ..scopes import Unit, build_units
 from . import _state_dict
 from ._base import RotatedOptimizerBase, _label
 
@@ -87,7 +88,7 @@ def from_adamw_state(optimizer: RotatedOptimizerBase, source: Optimizer | Mappin
                     if dst[i] is None:
                         dst[i] = torch.zeros(gparams[i].numel(), dtype=torch.float64, device=gparams[i].device)
                 x = unit.view(src[key])
-                if rot is not None and not isinstance(rot, SvdRotation):  # svd units start from L = R = I
+                if rot is not None and not isinstance(rot, DynamicRotation):  # dynamic units start from L = R = I
                     x = rot.rotate(x, squared=_SQUARED[key])
                 unit.write(dst, x)
         for i, p in enumerate(gparams):
@@ -100,7 +101,7 @@ def from_adamw_state(optimizer: RotatedOptimizerBase, source: Optimizer | Mappin
                 st = {"step": torch.tensor(local[i]["step"], dtype=torch.float32, device=optimizer._step_device(p))}
                 new_state[p] = {**st, **{k: torch.zeros(p.shape, dtype=optimizer.compute_dtype) for k in keys}}
         for unit in optimizer.units(gi):
-            if isinstance(unit.rotation, SvdRotation) and gparams[unit.params[0]] in new_state:
+            if isinstance(unit.rotation, DynamicRotation) and gparams[unit.params[0]] in new_state:
                 p = gparams[unit.params[0]]
                 unit.rotation.save(new_state[p], unit.rotation.identity_bases(optimizer.compute_dtype, p.device))
     return _state_dict.pack(optimizer, new_state, hooks=False)
@@ -207,6 +208,8 @@ class _RotatedView:
                 embedding=g["embedding"],
                 vectors=g["vectors"],
                 frozen=g.get("frozen"),
+                max_precond_dim=g.get("max_precond_dim", 10000),
+                structure=g.get("structure", "haar"),
             )
             units.append(gu)
             rotated = {i for u in gu if u.rotation is not None for i in u.params} if g["rotation"] != "none" else set()
@@ -246,7 +249,7 @@ class _RotatedView:
                             dst[i] = torch.zeros_like(src[i])
                     y = unit.view(src)
                     rot = unit.rotation
-                    if isinstance(rot, SvdRotation):
+                    if isinstance(rot, DynamicRotation):
                         y = rot.unrotate(y, _svd_bases(rot, local[unit.params[0]]), squared=_SQUARED[key])
                     elif rot is not None:
                         y = rot.unrotate(y, squared=_SQUARED[key])
@@ -259,7 +262,7 @@ class _RotatedView:
         return out
 
 
-def _svd_bases(rot: SvdRotation, st: Mapping) -> dict[str, torch.Tensor] | None:
+def _svd_bases(rot: DynamicRotation, st: Mapping) -> dict[str, torch.Tensor] | None:
     bases = rot.load(st)
     return None if bases is None else {k: v.double() for k, v in bases.items()}
 

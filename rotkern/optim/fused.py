@@ -9,11 +9,14 @@ from collections.abc import Iterable
 import torch
 
 from .._backend import BACKENDS, PRECISIONS, resolve_backend, warn_fallback
-from ..scopes import SvdRotation
+from ..bases import DynamicRotation
 from ._base import GroupStep
 from .rotated_adamw import RotatedAdamW
 
 __all__ = ["FusedRotatedAdamW"]
+
+# The reference's arguments that only its dynamic-basis units read.
+_DYNAMIC_ARGS = ("svd_bases", "svd_every", "precondition_every", "shampoo_beta", "basis_change", "basis_stats")
 
 
 class FusedRotatedAdamW(RotatedAdamW):
@@ -37,11 +40,11 @@ class FusedRotatedAdamW(RotatedAdamW):
     backend raises before anything changes. Non-contiguous params and global units that mix dtypes are staged
     through contiguous (fp32) temporaries by the shared base class, so every backend runs them.
 
-    ``rotation="svd"`` (paper Alg 5): the svd units (the group's matrices) always run the eager reference,
-    whatever ``backend`` says: their cost is the SVD and two matmuls / Householder products per matrix, torch
-    ops that cuSOLVER / cuBLAS run anyway. The group's other units (1-D params) take the selected backend as
-    in the other scopes; each param is stepped once. A step that ran svd units sets ``backend_used`` to
-    ``"eager"``.
+    ``rotation="svd"`` (paper Alg 5) and ``rotation="eigen"`` (SOAP): their units (the group's matrices) run
+    the eager reference, whatever ``backend`` says: their cost is the decomposition and two matmuls /
+    Householder products per matrix, torch ops that cuSOLVER / cuBLAS run anyway. The group's other units (1-D
+    params) take the selected backend as in the other scopes; each param is stepped once. A step that ran such
+    units sets ``backend_used`` to ``"eager"``.
     """
 
     def __init__(
@@ -85,7 +88,7 @@ class FusedRotatedAdamW(RotatedAdamW):
 
     def _plan_backend(self, plan: GroupStep) -> None:
         super()._plan_backend(plan)
-        units = [u for u in plan.units if not isinstance(u.rotation, SvdRotation)]
+        units = [u for u in plan.units if not isinstance(u.rotation, DynamicRotation)]
         if not units:
             plan.backend = "eager"
             return
@@ -112,14 +115,14 @@ class FusedRotatedAdamW(RotatedAdamW):
     def _rotated_adamw(
         self, plan, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, **kwargs
     ) -> None:
-        svd_kwargs = {k: kwargs.pop(k) for k in ("svd_bases", "svd_every") if k in kwargs}
-        svd_units = [u for u in units if isinstance(u.rotation, SvdRotation)]
+        dyn_kwargs = {k: kwargs.pop(k) for k in _DYNAMIC_ARGS if k in kwargs}
+        svd_units = [u for u in units if isinstance(u.rotation, DynamicRotation)]
         state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         if svd_units:
-            # rotation="svd": the matrices run the eager reference (SVD, matmuls); the rest of the group goes on
-            # below. svd units cover whole params, never shared with another unit: each param steps once.
-            super()._rotated_adamw(plan, *state, svd_units, **kwargs, **svd_kwargs)
-            units = [u for u in units if not isinstance(u.rotation, SvdRotation)]
+            # Dynamic scopes: the matrices run the eager reference (decompositions, matmuls); the rest of the group
+            # goes on below. Their units cover whole params, never shared with another unit: each steps once.
+            super()._rotated_adamw(plan, *state, svd_units, **kwargs, **dyn_kwargs)
+            units = [u for u in units if not isinstance(u.rotation, DynamicRotation)]
         self.backend_used = "eager" if svd_units else plan.backend
         if not units:
             return

@@ -1,5 +1,5 @@
-"""RotatedAdamW: AdamW in a rotated parameter space (paper Alg 4, and Alg 5 for rotation="svd"), the eager
-fp32 reference."""
+"""RotatedAdamW: AdamW in a rotated parameter space (paper Alg 4, Alg 5 for rotation="svd", SOAP for
+rotation="eigen"), the eager fp32 reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from ..bases import DynamicRotation, EigenRotation
 from ..kernels.reference import rotated_adamw_ref
-from ..scopes import SvdRotation
 from ._base import GroupStep, RotatedOptimizerBase, _label, check_hyper
 
 __all__ = ["RotatedAdamW"]
@@ -27,12 +27,24 @@ class RotatedAdamW(RotatedOptimizerBase):
     (conv kernels as (out, in * kh * kw); q, k, v separately under ``split_qkv``; embeddings as stored) is
     rotated on both sides, ``g~ = L^T G R``, by the singular vectors of its current gradient
     ``G = U S V^T`` (after the ``maximize`` sign), completed to full orthogonal bases ``L = [U, U_perp]``,
-    ``R = [V, V_perp]`` (see :class:`rotkern.scopes.SvdRotation` for the O(n r) Householder completion).
+    ``R = [V, V_perp]`` (see :class:`rotkern.bases.SvdRotation` for the O(n r) Householder completion).
     The bases are recomputed at steps 1, 1 + F, 1 + 2F, ... (F = ``svd_every``; the paper's first SVD at
     t = F leaves steps before it undefined), from the gradient of that step, in the compute dtype; m and v
     carry over unchanged across a basis change, as Alg 5 shows. The update ``L (m^/(sqrt(v^)+eps)) R^T`` is
     applied with decoupled weight decay in the standard basis. 1-D params follow ``vectors`` (unrotated under
     ``auto``). Cost: one SVD per matrix every F steps, plus two matmuls (or Householder products) per step.
+
+    ``rotation="eigen"`` is SOAP (Vyas et al. 2024, arXiv 2409.11321): the same matrices, rotated by the
+    eigenbases of EMAs of ``G G^T`` and ``G^T G`` (coefficient ``shampoo_beta``), first by ``eigh`` and refreshed
+    every ``precondition_every`` steps by a power iteration and a QR; sides longer than ``max_precond_dim`` are
+    the identity (:class:`rotkern.bases.EigenRotation` has the step order). With SOAP's hyperparameters
+    (betas (0.95, 0.95), shampoo_beta 0.95, precondition_every 10, weight_decay 0.01) it is SOAP's update.
+
+    At every basis change after the first, ``basis_change`` says what m and v do: ``keep`` (Alg 5; the svd
+    default), ``transport`` (m rotated exactly, v by the squared change of basis), ``transport_m`` (m exactly, v
+    kept: SOAP's, the eigen default) or ``reset``; ``auto`` picks the scope's default. A decomposition that fails
+    is retried in float64, then on the CPU; if all fail the previous basis stays. Each fallback is counted in
+    ``basis_stats`` and logged at WARNING (:mod:`rotkern.bases`).
 
     Arguments mirror :class:`torch.optim.AdamW` (same defaults); the keyword-only rotation options are
     defaults for every param group, and each group may override them.
@@ -44,21 +56,29 @@ class RotatedAdamW(RotatedOptimizerBase):
         rotation: scope: ``none`` | ``global`` | ``layer`` | ``output`` | ``input`` | ``svd``.
         block_size: Haar block size n (default 768, the paper's).
         seed: rotation seed; the same seed gives the same rotations on any machine.
+        structure: the static scopes' blocks: ``haar`` (Haar-random, the paper's; default) or ``hadamard``
+            (randomized Walsh-Hadamard ``H D / sqrt(n)``, applied in O(n log n) per block by the eager step; needs a
+            power-of-two ``block_size``; tails split into power-of-two blocks). Every backend runs both.
         split_qkv: rotate the thirds of fused QKV weights (role ``qkv``) as separate layers.
         embedding: ``transposed`` (paper B.1) or ``as_linear``; see :mod:`rotkern.scopes`.
         vectors: policy for 1-D params: ``auto`` | ``rotate`` | ``none``.
         svd_every: F, the steps between SVD basis recomputes of ``rotation="svd"`` (default 250, the
             paper's, after GaLore); a positive int. Ignored by the other scopes.
+        precondition_every: steps between eigenbasis refreshes of ``rotation="eigen"`` (default 10, SOAP's).
+        shampoo_beta: EMA coefficient of the eigen scope's factors, in [0, 1) (default 0.95, SOAP's).
+        max_precond_dim: eigen scope: a matrix side longer than this keeps no basis (identity; default 10000).
+        basis_change: ``auto`` | ``keep`` | ``transport`` | ``transport_m`` | ``reset`` (see above).
         compute_dtype: torch.float32 (default) or torch.float64 (for precision tests); moments (and SVD
             bases) are stored in this dtype whatever the param dtype.
 
     State per param (torch.optim.AdamW's keys): ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq``
-    and with amsgrad ``max_exp_avg_sq``, each with the param's shape, holding the rotated-layout moments.
-    Params of svd units also keep their current bases, in the compute dtype, pieces stacked on dim 0
-    (P = 3 for a split qkv weight, else 1; a (k, w) piece, r = min(k, w)): ``svd_u`` (P, k, r) and
-    ``svd_v`` (P, w, r) hold U and V, or, for the side longer than r, the Householder reflectors of its
-    completion, with their scalars in ``svd_u_tau`` / ``svd_v_tau`` (P, r). They go through ``state_dict``
-    like the moments, so a run resumes bit-identically across a basis change.
+    and with amsgrad ``max_exp_avg_sq``, each with the param's shape, holding the rotated-layout moments;
+    ``basis_reset_at`` (scalar) after a ``reset`` basis change. Params of eigen units keep ``eigen_*`` tensors
+    (:class:`rotkern.bases.EigenRotation`). Params of svd units also keep their current bases, in the compute
+    dtype, pieces stacked on dim 0 (P = 3 for a split qkv weight, else 1; a (k, w) piece, r = min(k, w)):
+    ``svd_u`` (P, k, r) and ``svd_v`` (P, w, r) hold U and V, or, for the side longer than r, the Householder
+    reflectors of its completion, with their scalars in ``svd_u_tau`` / ``svd_v_tau`` (P, r). They go through
+    ``state_dict`` like the moments, so a run resumes bit-identically across a basis change.
     """
 
     def __init__(
@@ -78,10 +98,15 @@ class RotatedAdamW(RotatedOptimizerBase):
         rotation: str = "global",
         block_size: int = 768,
         seed: int = 0,
+        structure: str = "haar",
         split_qkv: bool = True,
         embedding: str = "transposed",
         vectors: str = "auto",
         svd_every: int = 250,
+        precondition_every: int = 10,
+        shampoo_beta: float = 0.95,
+        max_precond_dim: int = 10000,
+        basis_change: str = "auto",
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         check_hyper("learning rate", lr)
@@ -103,15 +128,20 @@ class RotatedAdamW(RotatedOptimizerBase):
             rotation=rotation,
             block_size=block_size,
             seed=seed,
+            structure=structure,
             split_qkv=split_qkv,
             embedding=embedding,
             vectors=vectors,
             svd_every=svd_every,
+            precondition_every=precondition_every,
+            shampoo_beta=shampoo_beta,
+            max_precond_dim=max_precond_dim,
+            basis_change=basis_change,
         )
         super().__init__(params, defaults, compute_dtype)
 
     _moment_keys = ("exp_avg", "exp_avg_sq")
-    _supports_svd = True
+    _supports_dynamic = True
 
     def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         check_hyper("learning rate", group["lr"], where=where)
@@ -130,20 +160,23 @@ class RotatedAdamW(RotatedOptimizerBase):
 
     def _plan_backend(self, plan: GroupStep) -> None:
         group = plan.group
-        if group["rotation"] != "svd":
+        if group["rotation"] not in ("svd", "eigen"):
             return
-        # An SVD of a non-finite gradient cannot converge (LAPACK raises): refuse before any state changes.
+        # A basis cannot come from a non-finite gradient (an SVD cannot converge; an eigen factor would keep the
+        # NaN forever, it takes in every gradient): refuse before any state changes.
         params = group["params"]
         for unit in plan.units:
-            if not isinstance(unit.rotation, SvdRotation):
+            if not isinstance(unit.rotation, DynamicRotation):
                 continue
             i = unit.params[0]
             st = self.state.get(params[i])
             step = (float(st["step"]) if st else 0.0) + 1
-            if (int(step) - 1) % group["svd_every"] == 0 and not bool(torch.isfinite(plan.grads[i]).all()):
+            eigen = isinstance(unit.rotation, EigenRotation)
+            if (eigen or (int(step) - 1) % group["svd_every"] == 0) and not bool(torch.isfinite(plan.grads[i]).all()):
+                when = "" if eigen else " at an SVD basis recompute step"
                 raise ValueError(
-                    f"{_label(group['names'], plan.gi, i)}: the gradient has non-finite values at an SVD basis "
-                    f"recompute step ({int(step)}); rotation='svd' cannot compute a basis from it (skip the step, "
+                    f"{_label(group['names'], plan.gi, i)}: the gradient has non-finite values{when} (step "
+                    f"{int(step)}); rotation={group['rotation']!r} cannot compute a basis from it (skip the step, "
                     "e.g. with torch.amp.GradScaler, or clip the gradient)"
                 )
 
@@ -164,8 +197,17 @@ class RotatedAdamW(RotatedOptimizerBase):
                 continue
             params, grads, states = run
             beta1, beta2 = group["betas"]
-            # svd units keep their bases in the param state; other scopes' steps never see these arguments.
-            svd = dict(svd_bases=states, svd_every=group["svd_every"]) if group["rotation"] == "svd" else {}
+            # Dynamic units keep their bases in the param state; other scopes' steps never see these arguments.
+            svd = {}
+            if group["rotation"] in ("svd", "eigen"):
+                svd = dict(
+                    svd_bases=states,
+                    svd_every=group["svd_every"],
+                    precondition_every=group["precondition_every"],
+                    shampoo_beta=_scalar(group["shampoo_beta"]),
+                    basis_change=group["basis_change"],
+                    basis_stats=self.basis_stats,
+                )
             self._rotated_adamw(
                 plan,
                 params,

@@ -41,6 +41,7 @@ class RotatedSGD(RotatedOptimizerBase):
         rotation: str = "global",
         block_size: int = 768,
         seed: int = 0,
+        structure: str = "haar",
         split_qkv: bool = True,
         embedding: str = "transposed",
         vectors: str = "auto",
@@ -61,6 +62,7 @@ class RotatedSGD(RotatedOptimizerBase):
             rotation=rotation,
             block_size=block_size,
             seed=seed,
+            structure=structure,
             split_qkv=split_qkv,
             embedding=embedding,
             vectors=vectors,
@@ -90,6 +92,7 @@ class RotatedSGD(RotatedOptimizerBase):
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 weight_decay=group["weight_decay"],
+                decay_mask=group["decay_mask"],
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
             )

@@ -8,7 +8,11 @@ curve reaches ``target``; slowdown = (T(scope) / T(baseline) - 1) x 100 %, "not 
 A second reading, defined when a scope ends above the target: the baseline-equivalent slowdown,
 (N(scope) / t(scope) x T(baseline) / N(baseline) - 1) x 100 %, with N the steps run and t the steps the
 baseline needed to reach the scope's final smoothed loss (0 % for the baseline itself).
-The baseline is ``none`` (plain AdamW) when it is among the scopes, else the first scope.
+The baseline is ``none`` (plain AdamW) when it is among the scopes, else ``adamw`` when it is, else the first.
+
+Besides scopes, ``--scopes`` takes the baseline optimizers of :data:`BASELINES` (``adamw``: torch AdamW; ``muon``:
+Muon + AdamW, paper Alg 6; ``soap``: the eigen scope with SOAP's options; ``sgdm``: torch SGD with momentum), so
+e.g. ``--scopes adamw,global,svd,eigen,muon`` puts them side by side on the same batches.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from ..scopes import ALL_SCOPES
 from .common import TrainerError, ema
 from .train import TrainConfig, train
 
+BASELINES = ("adamw", "muon", "soap", "sgdm")
+
 
 @dataclass
 class CompareConfig(TrainConfig):
-    scopes: str = "none,output,input,layer,global"  # comma-separated rotation scopes, one run each
+    # comma-separated runs: rotation scopes (rotated AdamW, --optimizer) or baseline optimizers (adamw, muon, soap,
+    # sgdm), one run each
+    scopes: str = "none,output,input,layer,global"
     ema: float = 0.95  # smoothing of the train-loss curves before measuring slowdowns
     plot: bool = True  # write compare.png (needs matplotlib)
     steps: int = 600  # about a minute per scope for gpt-tiny on a CPU core
@@ -64,10 +72,13 @@ def slowdowns(curves: dict[str, list[float]], baseline: str, decay: float) -> di
 
 def compare(cfg: CompareConfig) -> dict:
     scopes = [s.strip() for s in cfg.scopes.split(",") if s.strip()]
-    bad = [s for s in scopes if s not in ALL_SCOPES]
-    if not scopes or bad:
-        raise TrainerError(f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty'}; choose from {', '.join(ALL_SCOPES)}")
-    if cfg.optimizer not in ("rotated-eager", "rotated-fused"):
+    bad = [s for s in scopes if s not in ALL_SCOPES + BASELINES]
+    if not scopes or bad or len(set(scopes)) != len(scopes):
+        raise TrainerError(
+            f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty or repeated'}; choose from "
+            f"{', '.join(ALL_SCOPES + BASELINES)}"
+        )
+    if any(s in ALL_SCOPES for s in scopes) and cfg.optimizer not in ("rotated-eager", "rotated-fused"):
         raise TrainerError(f"compare runs rotated AdamW under each scope; --optimizer={cfg.optimizer} has no scope")
     if cfg.switch_at or cfg.switch_to:
         raise TrainerError(
@@ -88,7 +99,10 @@ def compare(cfg: CompareConfig) -> dict:
     )
     runs = {}
     for i, scope in enumerate(scopes):
-        run_cfg = dataclasses.replace(base, rotation=scope, out_dir=str(out / scope), resume="")
+        if scope in BASELINES:
+            run_cfg = dataclasses.replace(base, optimizer=scope, rotation="none", out_dir=str(out / scope), resume="")
+        else:
+            run_cfg = dataclasses.replace(base, rotation=scope, out_dir=str(out / scope), resume="")
         t0 = time.perf_counter()
         every = max(cfg.steps // 10, 1)
 
@@ -103,7 +117,7 @@ def compare(cfg: CompareConfig) -> dict:
 
         runs[scope] = train(run_cfg, on_step=progress)
     curves = {k: [r["loss"] for r in v["records"]] for k, v in runs.items()}
-    baseline = "none" if "none" in scopes else scopes[0]
+    baseline = "none" if "none" in scopes else "adamw" if "adamw" in scopes else scopes[0]
     slow = slowdowns(curves, baseline, cfg.ema)
     rows = []
     for scope in scopes:

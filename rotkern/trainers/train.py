@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bases import BASIS_CHANGES
+from ..rotations import STRUCTURES
 from ..scopes import ALL_SCOPES, param_groups_for
 from .common import JsonlLog, TrainerError, atomic_save, header
 from .data import (
@@ -44,7 +46,7 @@ from .data import (
 )
 from .models import ATTENTION_BACKENDS, MODELS, GPTConfig, build_model, model_config, model_kind
 
-OPTIMIZERS = ("adamw", "rotated-eager", "rotated-fused", "sgdm")
+OPTIMIZERS = ("adamw", "rotated-eager", "rotated-fused", "sgdm", "rotated-sgdm", "muon", "soap")
 SWITCH_STATES = ("convert", "reset")
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 CHECKPOINT_FORMAT = 1
@@ -62,10 +64,17 @@ class TrainConfig:
     context: int = 0  # GPT sequence length; 0 = the model's
     attention: str = "math"  # SDPA backend: math (the paper ran without FlashAttention) | auto | flash | efficient
     # --- optimizer
-    optimizer: str = "rotated-eager"  # adamw (torch) | rotated-eager (RotatedAdamW) | rotated-fused | sgdm (torch)
-    rotation: str = "global"  # none | global | layer | output | input | svd
+    # adamw (torch) | rotated-eager (RotatedAdamW) | rotated-fused | sgdm (torch) | rotated-sgdm (RotatedSGD) |
+    # muon (Muon on hidden matrices + AdamW, Alg 6) | soap (RotatedAdamW, rotation=eigen with SOAP's basis options)
+    optimizer: str = "rotated-eager"
+    rotation: str = "global"  # none | global | layer | output | input | svd | eigen
     block_size: int = 768  # Haar block size n (the paper's)
+    structure: str = "haar"  # rotation blocks: haar (the paper's) | hadamard (randomized Walsh-Hadamard; 2^k blocks)
     svd_every: int = 250  # rotation=svd: steps between SVD basis recomputes (F; the paper's 250)
+    precondition_every: int = 10  # rotation=eigen / soap: steps between eigenbasis refreshes (SOAP's 10)
+    shampoo_beta: float = 0.95  # rotation=eigen / soap: EMA coefficient of G G^T and G^T G (SOAP's)
+    max_precond_dim: int = 10000  # rotation=eigen / soap: matrix sides longer than this keep no basis
+    basis_change: str = "auto"  # svd / eigen: moments at a basis change: auto | keep | transport | transport_m | reset
     precision: str = "tf32x3"  # rotated-fused dot precision: ieee | tf32x3 | tf32
     backend: str = "auto"  # rotated-fused backend (see rotkern._backend)
     lr: float = 3e-3  # peak learning rate
@@ -76,7 +85,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1  # on >= 2-D tensors only (nanoGPT)
-    momentum: float = 0.9  # sgdm only
+    momentum: float = 0.9  # sgdm, rotated-sgdm, muon (muon uses 0.95 when this is left at 0.9)
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     # --- optimizer switch: change the basis mid-run (the lr schedule carries on across it)
     switch_at: int = 0  # switch after this many updates, before the next one; 0 = never
@@ -165,11 +174,13 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         "precision": PRECISIONS,
         "attention": ATTENTION_BACKENDS,
         "switch_state": SWITCH_STATES,
+        "basis_change": ("auto", *BASIS_CHANGES),
+        "structure": STRUCTURES,
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise TrainerError(f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("steps", "batch_size", "grad_accum", "svd_every"):
+    for key in ("steps", "batch_size", "grad_accum", "svd_every", "precondition_every", "max_precond_dim"):
         if getattr(cfg, key) < 1:
             raise TrainerError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.grad_accum % world:
@@ -192,8 +203,10 @@ def check_switch(cfg: TrainConfig) -> None:
     targets = ("adamw", *ALL_SCOPES)
     if cfg.switch_to not in targets:
         raise TrainerError(f"--switch_to={cfg.switch_to!r} is not one of {', '.join(targets)}")
-    if cfg.optimizer == "sgdm":
-        raise TrainerError("--switch_to switches an AdamW run (adamw, rotated-eager, rotated-fused), not sgdm")
+    if cfg.optimizer not in ("adamw", "rotated-eager", "rotated-fused"):
+        raise TrainerError(
+            f"--switch_to switches an AdamW run (adamw, rotated-eager, rotated-fused), not {cfg.optimizer}"
+        )
     if optimizer_label(cfg) == optimizer_label(optimizer_after(cfg, cfg.steps)) and cfg.switch_state == "convert":
         # Into its own basis the conversion is no identity: v goes out and back through D o D and gets blurred.
         raise TrainerError(
@@ -214,7 +227,7 @@ def optimizer_after(cfg: TrainConfig, done: int) -> TrainConfig:
 
 
 def optimizer_label(cfg: TrainConfig) -> str:
-    """adamw, sgdm, or rotated-<eager|fused>:<scope>: what the step records call the optimizer."""
+    """adamw, sgdm, muon, soap, or rotated-<eager|fused|sgdm>:<scope>: what the step records call the optimizer."""
     return f"{cfg.optimizer}:{cfg.rotation}" if cfg.optimizer.startswith("rotated") else cfg.optimizer
 
 
@@ -353,7 +366,7 @@ def make_setup(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int 
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
     """nanoGPT's decay rule (>= 2-D decayed): one group with a decay mask for the rotated optimizers (a global
     rotation spans every parameter), two groups for torch's."""
-    if cfg.optimizer.startswith("rotated"):
+    if cfg.optimizer.startswith("rotated") or cfg.optimizer == "soap":
         return param_groups_for(model, weight_decay=cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     return [
@@ -377,13 +390,40 @@ def make_optimizer(
     cfg: TrainConfig, model: nn.Module, optimizer: str | None = None, compute_dtype: torch.dtype = torch.float32
 ) -> torch.optim.Optimizer:
     name = optimizer or cfg.optimizer
-    groups = param_groups(dataclasses.replace(cfg, optimizer=name), model)
     betas = (cfg.beta1, cfg.beta2)
+    if name == "muon":
+        from .baselines import MuonWithAdamW
+
+        momentum = 0.95 if cfg.momentum == 0.9 else cfg.momentum
+        return MuonWithAdamW(  # type: ignore[return-value]
+            model, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, momentum=momentum
+        )
+    groups = param_groups(dataclasses.replace(cfg, optimizer=name), model)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if name == "sgdm":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    rot = dict(rotation=cfg.rotation, block_size=cfg.block_size, seed=cfg.seed, svd_every=cfg.svd_every)
+    rot = dict(
+        rotation=cfg.rotation,
+        block_size=cfg.block_size,
+        seed=cfg.seed,
+        structure=cfg.structure,
+        svd_every=cfg.svd_every,
+        precondition_every=cfg.precondition_every,
+        shampoo_beta=cfg.shampoo_beta,
+        max_precond_dim=cfg.max_precond_dim,
+        basis_change=cfg.basis_change,
+    )
+    if name == "soap":
+        rot.update(rotation="eigen", basis_change="transport_m" if cfg.basis_change == "auto" else cfg.basis_change)
+        name = "rotated-eager"
+    if name == "rotated-sgdm":
+        from ..optim import RotatedSGD
+
+        if cfg.rotation in ("svd", "eigen"):
+            raise TrainerError(f"--optimizer=rotated-sgdm runs the static scopes; --rotation={cfg.rotation} is AdamW's")
+        sgd_rot = {k: rot[k] for k in ("rotation", "block_size", "seed", "structure")}
+        return RotatedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, compute_dtype=compute_dtype, **sgd_rot)
     if name == "rotated-eager":
         from ..optim import RotatedAdamW
 
@@ -439,6 +479,8 @@ def optimizer_backend(opt: torch.optim.Optimizer) -> str:
     name = type(opt).__name__
     if isinstance(opt, (torch.optim.AdamW, torch.optim.SGD)):
         return f"torch.optim.{name}"
+    if name == "MuonWithAdamW":
+        return f"{type(opt.muon).__module__}.Muon + torch.optim.AdamW"
     if name == "RotatedAdamW":
         return "eager (rotkern.kernels.reference.rotated_adamw_ref)"
     used = getattr(opt, "backend_used", None)  # FusedRotatedAdamW: "triton" or "eager", after a step
@@ -580,7 +622,7 @@ def restore(s: Setup, ckpt: dict, path: str, model: nn.Module, opt: torch.optim.
     step = int(ckpt["step"])
     saved_opt = ckpt.get("optimizer_name", ckpt["config"]["optimizer"])
     want = optimizer_after(s.cfg, step).optimizer
-    rotated = {"rotated-eager", "rotated-fused"}
+    rotated = {"rotated-eager", "rotated-fused", "soap"}
     if saved_opt != want and not {saved_opt, want} <= rotated:
         saved_cfg = ckpt["config"]
         if saved_opt == saved_cfg["optimizer"] and want == s.cfg.optimizer:
