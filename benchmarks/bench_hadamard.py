@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,15 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             med = {k: statistics.median(v) for k, v in times.items()}
             for scope in ("global", "output"):
                 haar, had = med[f"{scope} haar"], med[f"{scope} hadamard"]
-                rows.append({"d": d, "n": n, "scope": scope, "haar_ms": haar, "hadamard_ms": had,
-                             "speedup": haar / had, "samples": {k: v for k, v in times.items() if scope in k}})  # fmt: skip
+                samples = {k: v for k, v in times.items() if scope in k}
+                row = dict(d=d, n=n, scope=scope, haar_ms=haar, hadamard_ms=had, speedup=haar / had)
+                rows.append({**row, "samples": samples})
                 print(f"d={d:,} n={n} {scope}: haar {haar:.1f} ms, hadamard {had:.1f} ms ({haar / had:.2f}x)")
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": args.threads if device.type == "cpu" else None,
         "torch": torch.__version__,
-        "command": "python benchmarks/bench_hadamard.py " + " ".join(argv if argv is not None else []),
+        "command": "python benchmarks/bench_hadamard.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds,
     }
     out = Path(args.out)
@@ -115,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         "| d | n | scope | Haar (ms) | Hadamard (ms) | Haar / Hadamard |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['d']:,} | {r['n']} | {r['scope']} | {r['haar_ms']:.1f} | {r['hadamard_ms']:.1f} | {r['speedup']:.2f}x |"
-              for r in rows]  # fmt: skip
+    for r in rows:
+        ms = f"{r['haar_ms']:.1f} | {r['hadamard_ms']:.1f}"
+        lines.append(f"| {r['d']:,} | {r['n']} | {r['scope']} | {ms} | {r['speedup']:.2f}x |")
     (out / "hadamard.md").write_text("\n".join(lines) + "\n")
     return 0
 
