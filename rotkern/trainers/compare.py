@@ -215,7 +215,8 @@ def _plot(cfg: CompareConfig, runs: dict, curves: dict, scopes: list[str], path:
     for ax in axes[0]:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{cfg.model}: AdamW under rotation scopes (block {cfg.block_size}, seed {cfg.seed})")
+    what = "AdamW under rotation scopes" if all(s in ALL_SCOPES for s in scopes) else "rotation scopes and baselines"
+    fig.suptitle(f"{cfg.model}: {what} (block {cfg.block_size}, seed {cfg.seed})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
