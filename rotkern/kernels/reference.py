@@ -53,7 +53,7 @@ import torch
 from ..bases import DEFAULT_BASIS_CHANGE, DynamicRotation, EigenRotation, SvdRotation
 from ..scopes import Unit
 
-__all__ = ["rotated_adamw_ref", "rotated_sgdm_ref"]
+__all__ = ["dynamic_bases_after", "dynamic_bases_before", "rotated_adamw_ref", "rotated_sgdm_ref"]
 
 
 def _flat(ts: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -126,13 +126,11 @@ def rotated_adamw_ref(
             change = DEFAULT_BASIS_CHANGE[unit.layout] if basis_change == "auto" else basis_change
             moments = [m, v] + ([unit.view(vmax_flat)] if amsgrad else [])
             g_in = g
-            if isinstance(rot, SvdRotation):
-                g, bases = _svd_rotate(rot, g, store, step, svd_every, change, moments, basis_stats)
-            else:
-                rotated = _eigen_rotate(rot, g, store, step, basis_stats)
-                if rotated is None:
-                    continue
-                g, bases = rotated
+            rotated = dynamic_bases_before(rot, g, store, step, svd_every=svd_every, change=change, moments=moments,
+                                           stats=basis_stats)  # fmt: skip
+            if rotated is None:
+                continue
+            g, bases = rotated
             # After a reset the bias corrections count from the basis change: read once per param and step, after
             # an svd recompute (which resets at the start of the step) and before an eigen refresh (at its end), so
             # every piece of a param counts alike.
@@ -175,14 +173,62 @@ def rotated_adamw_ref(
         p32.add_(update, alpha=-lr / bias_correction1)
         unit.write(p_flat, p32.to(p.dtype))
 
-        if isinstance(rot, EigenRotation):
-            # SOAP's order: the factors take in this step's gradient after it was applied, then maybe a refresh.
-            rot.accumulate(bases, g_in, shampoo_beta)
-            t = float(state_steps[members[0]])
-            if int(t) % precondition_every == 0:
-                new, order = rot.refresh(bases, basis_stats)
-                _change_moments(rot, moments, bases, new, change, store, t, order)  # views: in place
-                rot.save(store, new)
+        if dynamic:
+            dynamic_bases_after(rot, g_in, bases, store, float(state_steps[members[0]]), change=change,
+                                moments=moments, precondition_every=precondition_every, shampoo_beta=shampoo_beta,
+                                stats=basis_stats)  # fmt: skip
+
+
+def dynamic_bases_before(
+    rot: DynamicRotation,
+    g: torch.Tensor,
+    store: MutableMapping[str, torch.Tensor],
+    step: float,
+    *,
+    svd_every: int,
+    change: str,
+    moments: list[torch.Tensor],
+    stats: MutableMapping[str, int] | None = None,
+    rotate: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]] | None:
+    """The basis management of a dynamic unit before its Adam step: (g~, bases), or None when the step takes no
+    Adam step (an eigen unit's step 1, which only builds the first factors and basis).
+
+    Args:
+        g: the unit's (k, w) gradient in the compute dtype, already negated under maximize.
+        step: the param's step count after this step's increment (not offset by ``basis_reset_at``).
+        change: the resolved basis change (not ``auto``); moments: [m, v] (+ amsgrad's max), views, carried
+            across a basis change in place.
+        rotate: False: g~ is None wherever it would be ``L^T g R`` (a fused caller computes it), and only a g~
+            that is not that product (S padded at an svd recompute step) is returned.
+    """
+    if isinstance(rot, SvdRotation):
+        return _svd_rotate(rot, g, store, step, svd_every, change, moments, stats, rotate)
+    return _eigen_rotate(rot, g, store, step, stats, rotate)
+
+
+def dynamic_bases_after(
+    rot: DynamicRotation,
+    g: torch.Tensor,
+    bases: dict[str, torch.Tensor],
+    store: MutableMapping[str, torch.Tensor],
+    step: float,
+    *,
+    change: str,
+    moments: list[torch.Tensor],
+    precondition_every: int,
+    shampoo_beta: float,
+    stats: MutableMapping[str, int] | None = None,
+) -> None:
+    """The basis management of a dynamic unit after its Adam step (eigen units: the factors take in g, then maybe a
+    refresh, the moments carried across in place). Arguments as :func:`dynamic_bases_before`."""
+    if isinstance(rot, EigenRotation):
+        # SOAP's order: the factors take in this step's gradient after it was applied, then maybe a refresh.
+        rot.accumulate(bases, g, shampoo_beta)
+        if int(step) % precondition_every == 0:
+            new, order = rot.refresh(bases, stats)
+            _change_moments(rot, moments, bases, new, change, store, step, order)  # views: in place
+            rot.save(store, new)
 
 
 def _basis_store(svd_bases, param: int) -> MutableMapping[str, torch.Tensor]:
@@ -203,7 +249,8 @@ def _svd_rotate(
     change: str,
     moments: list[torch.Tensor],
     stats: MutableMapping[str, int] | None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    rotate: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """(g~, bases) of an svd unit at ``step``: new bases from g at a recompute step (the moments carried across
     per ``change``), else the stored ones."""
     old = rot.load(store)
@@ -225,12 +272,17 @@ def _svd_rotate(
             f"svd unit {rot!r} has no bases at step {int(step)}: they are computed at steps 1, 1 + F, ... "
             "(F = svd_every); a checkpoint that lacks them cannot continue"
         )
-    return rot.rotate(g, old), old
+    return (rot.rotate(g, old) if rotate else None), old
 
 
 def _eigen_rotate(
-    rot: EigenRotation, g: torch.Tensor, store: MutableMapping[str, torch.Tensor], step: float, stats
-) -> tuple[torch.Tensor, dict] | None:
+    rot: EigenRotation,
+    g: torch.Tensor,
+    store: MutableMapping[str, torch.Tensor],
+    step: float,
+    stats,
+    rotate: bool = True,
+) -> tuple[torch.Tensor | None, dict] | None:
     """(g~, bases) of an eigen unit, or None at step 1, which only builds the first factors and basis (SOAP's
     skipped first step; see :class:`~rotkern.bases.EigenRotation`). The pieces of a param share its state
     tensors, so the step, not the tensors' presence, says whether this piece has a basis yet."""
@@ -239,7 +291,7 @@ def _eigen_rotate(
         rot.save(store, rot.initial(g, stats))
         store["basis_reset_at"] = torch.tensor(float(step), dtype=torch.float32, device=g.device)
         return None
-    return rot.rotate(g, bases), bases
+    return (rot.rotate(g, bases) if rotate else None), bases
 
 
 def _change_moments(

@@ -13,21 +13,63 @@ The baseline is ``none`` (plain AdamW) when it is among the scopes, else ``adamw
 Besides scopes, ``--scopes`` takes the baseline optimizers of :data:`BASELINES` (``adamw``: torch AdamW; ``muon``:
 Muon + AdamW, paper Alg 6; ``soap``: the eigen scope with SOAP's options; ``sgdm``: torch SGD with momentum), so
 e.g. ``--scopes adamw,global,svd,eigen,muon`` puts them side by side on the same batches.
+
+Seeds: ``--seeds K`` runs every entry under seeds ``seed .. seed+K-1``, ``--seeds 0,3,7`` under those; a seed sets
+the model init, the batch order and the rotations. Each seed is measured on its own (its target is its own
+baseline run's final smoothed loss); the table then shows mean +- sample std over the seeds, and its footnote says
+which differences from the baseline exceed 2 standard errors (:func:`vs_baseline`). Runs live in
+``out_dir/<entry>/`` for a single seed (the layout of one-seed compares before seeds existed) and in
+``out_dir/<entry>/seed<s>/`` for several.
+
+Resuming: the command's settings are kept in ``out_dir/compare.json``. Re-running the same command over the same
+``out_dir`` reuses every finished run (its log ends in a final record at the stop step and, when checkpoints are
+saved, its ``ckpt.pt`` is at that step; both from the same run settings), continues an unfinished one from its
+last checkpoint (``--save_every``; bit-identical to an uninterrupted run), starts the others afresh and rewrites
+the summary. A different command into that ``out_dir`` is refused, naming the settings that differ; so is a run
+folder whose checkpoint or log holds other settings. Only the summary's options (:data:`SUMMARY_ONLY`) may change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..scopes import ALL_SCOPES
 from .common import TrainerError, ema
-from .train import TrainConfig, train
+from .train import TrainConfig, check_config, load_checkpoint, train
 
 BASELINES = ("adamw", "muon", "soap", "sgdm")
+MANIFEST = "compare.json"  # the command that filled an out_dir: a re-run must match it to resume there
+MANIFEST_FORMAT = 1
+# Options that change neither a run's trajectory nor which runs there are, only the summary, the console or how
+# far the runs go now (stop_step: a compare cut short with it is continued by re-running without it). `seeds` is
+# compared as the resolved list, which `seed` only feeds, so `--seeds 2` and `--seed 0 --seeds 0,1` are one command.
+SUMMARY_ONLY = frozenset(
+    {"ema", "plot", "print_every", "out_dir", "workers", "prefetch", "save_every", "stop_step", "preset", "resume"}
+    | {"seed"}
+)
+# The same for one run's saved TrainConfig (checkpoint or log header) against the one compare would run now.
+RUN_ONLY = frozenset({"out_dir", "resume", "print_every", "workers", "prefetch", "save_every", "stop_step", "preset"})
+# Per-seed row fields that are averaged over the seeds.
+AGGREGATED = (
+    "final_train_loss",
+    "smoothed_train_loss",
+    "final_val_loss",
+    "final_val_acc",
+    "steps_to_target",
+    "slowdown_pct",
+    "equivalent_slowdown_pct",
+)
+# Differences from the baseline that the footnote judges by vs_baseline (the slowdown is judged too, against the
+# baseline's 0 %, in _judgement): field, label, format.
+JUDGED = (("final_val_loss", "val loss", ".4f"), ("smoothed_train_loss", "EMA train loss", ".4f"))
 
 
 @dataclass
@@ -35,6 +77,9 @@ class CompareConfig(TrainConfig):
     # comma-separated runs: rotation scopes (rotated AdamW, --optimizer) or baseline optimizers (adamw, muon, soap,
     # sgdm), one run each
     scopes: str = "none,output,input,layer,global"
+    # seeds per run: K (an integer >= 1) = seed, seed+1, .., seed+K-1; a comma list (0,3,7) = those seeds;
+    # "" = --seed alone. Each seed sets the init, the batch order and the rotations; the table gives mean +- std
+    seeds: str = ""
     ema: float = 0.95  # smoothing of the train-loss curves before measuring slowdowns
     plot: bool = True  # write compare.png (needs matplotlib)
     steps: int = 600  # about a minute per scope for gpt-tiny on a CPU core
@@ -42,6 +87,32 @@ class CompareConfig(TrainConfig):
     eval_every: int = 100
     out_dir: str = "runs/compare"
     print_every: int = 0  # per-run console lines; compare prints its own progress
+
+
+def parse_seeds(spec: str, seed: int) -> list[int]:
+    """``--seeds``: "" -> [seed]; "K" -> [seed, .., seed+K-1]; "a,b,c" -> [a, b, c] (distinct, >= 0)."""
+    text = spec.strip()
+    if not text:
+        return [seed]
+    where = f"--seeds={spec!r}"
+    if "," not in text:
+        try:
+            count = int(text)
+        except ValueError:
+            raise TrainerError(f"{where}: give a count K >= 1 or a comma-separated list of seeds (0,1,2)") from None
+        if count < 1:
+            raise TrainerError(f"{where}: a count of seeds must be >= 1 (a single seed s is --seed=s)")
+        return list(range(seed, seed + count))
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise TrainerError(f"{where}: every entry of a seed list must be an integer >= 0") from None
+    if any(s < 0 for s in seeds):
+        raise TrainerError(f"{where}: seeds must be >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise TrainerError(f"{where}: a seed is repeated; each seed runs once")
+    return seeds
 
 
 def slowdowns(curves: dict[str, list[float]], baseline: str, decay: float) -> dict[str, dict]:
@@ -70,6 +141,159 @@ def slowdowns(curves: dict[str, list[float]], baseline: str, decay: float) -> di
     return out
 
 
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample (n - 1) standard deviation of the values that are not None, and how many there were;
+    the std is None below two values (one seed says nothing about the spread)."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs)
+
+
+def aggregate(scope: str, seed_rows: list[dict]) -> dict:
+    """One table row from a run's per-seed rows: for each field of AGGREGATED, the mean (under the field's own
+    name), ``<field>_std`` and ``<field>_n`` (seeds where it is defined: steps and slowdowns are undefined where
+    a seed's run never reaches its target, and their mean is then over the seeds that did)."""
+    row: dict[str, Any] = {"scope": scope, "n": len(seed_rows), "seeds": [r["seed"] for r in seed_rows]}
+    for key in AGGREGATED:
+        mean, std, n = mean_std([r[key] for r in seed_rows])
+        row.update({key: mean, f"{key}_std": std, f"{key}_n": n})
+    return row
+
+
+def vs_baseline(row: dict, base: dict, key: str) -> dict:
+    """Welch-style check of ``row[key] - base[key]``: "larger" when |difference| > 2 SE with
+    SE = sqrt(sd_a^2 / n_a + sd_b^2 / n_b) over the seeds where both are defined, else "within noise";
+    "undetermined" below two seeds, or when a run misses its target in some seeds (the means would cover
+    different seeds). Unpaired, so conservative: the runs of one seed share init and batches."""
+    n_a, n_b = row[f"{key}_n"], base[f"{key}_n"]
+    if row[key] is None or base[key] is None:
+        return {"diff": None, "two_se": None, "verdict": "undetermined"}
+    diff = row[key] - base[key]
+    if n_a < 2 or n_b < 2 or n_a < row["n"] or n_b < base["n"]:
+        return {"diff": diff, "two_se": None, "verdict": "undetermined"}
+    two_se = 2.0 * math.sqrt(row[f"{key}_std"] ** 2 / n_a + base[f"{key}_std"] ** 2 / n_b)
+    return {"diff": diff, "two_se": two_se, "verdict": "larger" if abs(diff) > two_se else "within noise"}
+
+
+# -- runs on disk ----------------------------------------------------------------------------------------
+
+
+def config_diff(saved: dict, now: dict, ignore: frozenset[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, now)} for every setting that differs (a key missing on one side shows as None there)."""
+    keys = sorted((saved.keys() | now.keys()) - ignore)
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+
+
+def _describe(diff: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+
+
+def read_log(path: Path, stop: int, eval_every: int) -> dict:
+    """A run's JSONL log as compare needs it: the header configs, the train-loss curve of steps 1..stop and the
+    eval records, with a resumed run's records replacing those of the attempt it resumed (later lines win), and
+    whether it ends in a final record at ``stop``. Only the evals an uninterrupted run makes are kept (every
+    ``eval_every`` steps and at ``stop``): an attempt cut short by --stop_step also evaluated where it stopped."""
+    headers, losses, evals, final = [], {}, {}, None
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut off
+                continue
+            kind = rec.get("type")
+            if kind == "header":
+                headers.append(rec.get("config", {}))
+                final = None  # a later attempt has to finish again
+            elif kind == "step" and rec["step"] <= stop:
+                losses[rec["step"]] = rec["loss"]
+            elif (
+                kind == "eval"
+                and rec["step"] <= stop
+                and (rec["step"] == stop or eval_every and rec["step"] % eval_every == 0)
+            ):
+                evals[rec["step"]] = {k: v for k, v in rec.items() if k != "type"}
+            elif kind == "final":
+                final = rec
+    finished = final is not None and final.get("step") == stop and sorted(losses) == list(range(1, stop + 1))
+    return {
+        "headers": headers,
+        "curve": [losses[i] for i in sorted(losses)],
+        "evals": [evals[i] for i in sorted(evals)],
+        "finished": finished,
+    }
+
+
+def run_state(run_cfg: TrainConfig) -> tuple[str, str]:
+    """What to do with a run folder: ("done", "") when it holds this run finished, ("resume", checkpoint) when it
+    holds a checkpoint of it short of the stop step, ("fresh", "") otherwise (leftovers of an attempt that saved
+    no checkpoint are removed first). A checkpoint or log from other settings is a TrainerError."""
+    folder = Path(run_cfg.out_dir)
+    log_path, ckpt_path = folder / "log.jsonl", folder / "ckpt.pt"
+    now = dataclasses.asdict(run_cfg)
+    stop = run_cfg.stop_step or run_cfg.steps
+    log = read_log(log_path, stop, run_cfg.eval_every) if log_path.exists() else None
+    for saved in log["headers"] if log else []:
+        diff = config_diff(saved, now, RUN_ONLY)
+        if diff:
+            raise TrainerError(f"{log_path} is a run with other settings ({_describe(diff)}); pick another --out_dir")
+    ckpt_step = None
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(str(ckpt_path))
+        diff = config_diff(ckpt["config"], now, RUN_ONLY)
+        if diff:
+            raise TrainerError(f"{ckpt_path} is a run with other settings ({_describe(diff)}); pick another --out_dir")
+        ckpt_step = int(ckpt["step"])
+        if ckpt_step > stop:
+            raise TrainerError(f"{ckpt_path} is at step {ckpt_step}, past this compare's stop step {stop}")
+    if log is not None and log["finished"] and (ckpt_step == stop or not run_cfg.save):
+        return "done", ""
+    if log is not None and ckpt_step is not None and ckpt_step < stop:
+        return "resume", str(ckpt_path)
+    # Nothing to continue from (or a checkpoint at the stop step whose log lacks the final eval): start over.
+    # Only the two files train() refuses to overwrite go; anything else in the folder is left alone.
+    for p in (log_path, ckpt_path):
+        if p.exists():
+            p.unlink()
+    return "fresh", ""
+
+
+def _check_manifest(out: Path, cfg: CompareConfig, seeds: list[int]) -> None:
+    """Refuse an out_dir that another command filled (see the module docstring); writes nothing."""
+    path = out / MANIFEST
+    now = {**dataclasses.asdict(cfg), "seeds": seeds}
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainerError(f"cannot read {path} ({e}); pick another --out_dir") from None
+        diff = config_diff({**saved.get("config", {}), "seeds": saved.get("seeds")}, now, SUMMARY_ONLY)
+        # A command that failed before any run wrote a log (a bad --data path, say) binds nothing: replace it.
+        if diff and any(out.rglob("log.jsonl")):
+            raise TrainerError(
+                f"{out} holds a compare run with other settings ({_describe(diff)}); re-run that command to "
+                "resume it, or pick another --out_dir"
+            )
+    else:
+        for name in ("summary.md", "summary.json", "compare.png"):
+            if (out / name).exists():
+                raise TrainerError(
+                    f"{out / name} exists but {path} does not (not this compare's); pick another --out_dir"
+                )
+
+
+def _write_manifest(out: Path, cfg: CompareConfig, seeds: list[int]) -> None:
+    path = out / MANIFEST
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    now = {**dataclasses.asdict(cfg), "seeds": seeds}
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "config": now, "seeds": seeds}, indent=2))
+    os.replace(tmp, path)
+
+
+# -- compare ---------------------------------------------------------------------------------------------
+
+
 def compare(cfg: CompareConfig) -> dict:
     scopes = [s.strip() for s in cfg.scopes.split(",") if s.strip()]
     bad = [s for s in scopes if s not in ALL_SCOPES + BASELINES]
@@ -87,104 +311,243 @@ def compare(cfg: CompareConfig) -> dict:
         )
     if not 0.0 <= cfg.ema < 1.0:
         raise TrainerError(f"--ema={cfg.ema} must lie in [0, 1)")
+    if not cfg.out_dir:
+        raise TrainerError("compare reads its runs back from --out_dir; it cannot be empty")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The summary is read from the logs, which only rank 0 writes.
+        raise TrainerError("compare runs one process; launch it without torchrun (train takes torchrun)")
+    seeds = parse_seeds(cfg.seeds, cfg.seed)
     out = Path(cfg.out_dir)
-    for name in ("summary.md", "summary.json", "compare.png"):
-        if (out / name).exists():
-            raise TrainerError(f"{out / name} already exists; pick another --out_dir")
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields})
+    stop = cfg.stop_step or cfg.steps
+    # Seeds outermost: a compare interrupted half-way has whole seeds (every entry side by side) to show.
+    jobs = []
+    for seed in seeds:
+        for scope in scopes:
+            folder = out / scope if len(seeds) == 1 else out / scope / f"seed{seed}"
+            opt = {"optimizer": scope, "rotation": "none"} if scope in BASELINES else {"rotation": scope}
+            jobs.append((seed, scope, dataclasses.replace(base, **opt, seed=seed, out_dir=str(folder), resume="")))
+            check_config(jobs[-1][2])  # a bad option fails here, before compare.json records the command
+    _check_manifest(out, cfg, seeds)
+    # Every run folder is checked before compare.json records this command, so a refused command leaves the
+    # out_dir as it found it (bar the leftovers of unfinished runs of this very command).
+    states = [run_state(run_cfg) for _, _, run_cfg in jobs]
+    _write_manifest(out, cfg, seeds)
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
     print(
-        f"compare: {cfg.model}, {cfg.steps} steps x {len(scopes)} scopes ({', '.join(scopes)}), "
-        f"{cfg.optimizer}, block {cfg.block_size}, seed {cfg.seed}; results in {out}"
+        f"compare: {cfg.model}, {stop} steps x {len(scopes)} scopes ({', '.join(scopes)}), "
+        f"{cfg.optimizer}, block {cfg.block_size}, {seed_text}; results in {out}"
     )
-    runs = {}
-    for i, scope in enumerate(scopes):
-        if scope in BASELINES:
-            run_cfg = dataclasses.replace(base, optimizer=scope, rotation="none", out_dir=str(out / scope), resume="")
-        else:
-            run_cfg = dataclasses.replace(base, rotation=scope, out_dir=str(out / scope), resume="")
-        t0 = time.perf_counter()
-        every = max(cfg.steps // 10, 1)
+    runs: dict[tuple[str, int], dict] = {}
+    for i, ((seed, scope, run_cfg), (state, ckpt)) in enumerate(zip(jobs, states, strict=True)):
+        folder = Path(run_cfg.out_dir)
+        tag = f"[{i + 1}/{len(jobs)} {scope:>6}" + (f" seed {seed}]" if len(seeds) > 1 else "]")
+        if state != "done":
+            t0 = time.perf_counter()
+            every = max(stop // 10, 1)
 
-        def progress(rec: dict, scope=scope, t0=t0, i=i, every=every) -> None:
-            if rec["step"] % every == 0 or rec["step"] == cfg.steps:
-                val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-                print(
-                    f"  [{i + 1}/{len(scopes)} {scope:>6}] step {rec['step']:5d}/{cfg.steps} loss {rec['loss']:.4f}"
-                    f"{val} ({time.perf_counter() - t0:.1f} s)",
-                    flush=True,
-                )
+            def progress(rec: dict, tag=tag, t0=t0, every=every) -> None:
+                if rec["step"] % every == 0 or rec["step"] == stop:
+                    val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                    print(
+                        f"  {tag} step {rec['step']:5d}/{stop} loss {rec['loss']:.4f}"
+                        f"{val} ({time.perf_counter() - t0:.1f} s)",
+                        flush=True,
+                    )
 
-        runs[scope] = train(run_cfg, on_step=progress)
-    curves = {k: [r["loss"] for r in v["records"]] for k, v in runs.items()}
+            if state == "resume":
+                print(f"  {tag} resuming from {ckpt}", flush=True)
+            train(dataclasses.replace(run_cfg, resume=ckpt), on_step=progress)
+        # Finished runs, whether trained now or earlier, are read back from their logs alike, so a resumed
+        # compare's summary is the one an uninterrupted compare writes.
+        log = read_log(folder / "log.jsonl", stop, cfg.eval_every)
+        if not log["finished"]:
+            raise TrainerError(f"{folder / 'log.jsonl'} does not hold steps 1..{stop} and a final record")
+        if state == "done":
+            print(f"  {tag} finished earlier in {folder}: loss {log['curve'][-1]:.4f}", flush=True)
+        runs[scope, seed] = {"dir": str(folder.relative_to(out)), **log}
     baseline = "none" if "none" in scopes else "adamw" if "adamw" in scopes else scopes[0]
-    slow = slowdowns(curves, baseline, cfg.ema)
-    rows = []
-    for scope in scopes:
-        ev = runs[scope]["evals"][-1] if runs[scope]["evals"] else {}
-        sd = slow[scope]["slowdown_pct"]
-        rows.append(
-            {
-                "scope": scope,
-                "final_train_loss": curves[scope][-1],
-                "smoothed_train_loss": slow[scope]["smoothed_final_loss"],
-                "final_val_loss": ev.get("val_loss"),
-                "final_val_acc": ev.get("val_acc"),
-                "steps_to_target": slow[scope]["steps_to_target"],
-                "slowdown_pct": sd,
-                "equivalent_slowdown_pct": slow[scope]["equivalent_slowdown_pct"],
-            }
-        )
-    table = _table(rows, slow["_target"], cfg)
+    per_seed, targets = [], {}
+    for seed in seeds:
+        slow = slowdowns({s: runs[s, seed]["curve"] for s in scopes}, baseline, cfg.ema)
+        targets[str(seed)] = slow["_target"]
+        for scope in scopes:
+            run = runs[scope, seed]
+            ev = run["evals"][-1] if run["evals"] else {}
+            per_seed.append(
+                {
+                    "scope": scope,
+                    "seed": seed,
+                    "dir": run["dir"],
+                    "curve": run["curve"],
+                    "evals": run["evals"],
+                    "row": {
+                        "scope": scope,
+                        "seed": seed,
+                        "final_train_loss": run["curve"][-1],
+                        "smoothed_train_loss": slow[scope]["smoothed_final_loss"],
+                        "final_val_loss": ev.get("val_loss"),
+                        "final_val_acc": ev.get("val_acc"),
+                        "steps_to_target": slow[scope]["steps_to_target"],
+                        "slowdown_pct": slow[scope]["slowdown_pct"],
+                        "equivalent_slowdown_pct": slow[scope]["equivalent_slowdown_pct"],
+                    },
+                }
+            )
+    rows = [aggregate(scope, [r["row"] for r in per_seed if r["scope"] == scope]) for scope in scopes]
+    base_row = rows[scopes.index(baseline)]
+    for row in rows:
+        if row["scope"] != baseline:
+            row["vs_baseline"] = {key: vs_baseline(row, base_row, key) for key, _, _ in JUDGED}
+    loss, loss_std, _ = mean_std([t["loss"] for t in targets.values()])
+    target = {
+        "baseline": baseline,
+        "loss": loss,
+        "loss_std": loss_std,
+        "baseline_steps": mean_std([t["baseline_steps"] for t in targets.values()])[0],
+        "per_seed": targets,
+    }
+    curves = {s: _mean_curve([runs[s, seed]["curve"] for seed in seeds])[0] for s in scopes}
+    table = _table(rows, target, cfg, seeds)
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table + "\n")
     result = {
         "config": dataclasses.asdict(cfg),
-        "rows": rows,
-        "target": slow["_target"],
-        "curves": curves,
-        "evals": {k: v["evals"] for k, v in runs.items()},
+        "seeds": seeds,
+        "rows": rows,  # one per entry of --scopes, aggregated over the seeds
+        "target": target,
+        "curves": curves,  # per entry: the raw train loss averaged over the seeds, step by step
+        "evals": {s: _mean_evals([runs[s, seed]["evals"] for seed in seeds]) for s in scopes},
+        "runs": per_seed,  # every (entry, seed) run: its folder, curve, evals and row
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     if cfg.plot:
-        result["plot"] = _plot(cfg, runs, curves, scopes, out / "compare.png")
+        result["plot"] = _plot(cfg, runs, scopes, seeds, out / "compare.png")
         if result["plot"]:
             print(f"loss curves: {result['plot']}")
     return result
+
+
+def _mean_curve(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Step-by-step mean and sample std over equally long curves (std 0 for a single curve)."""
+    cols = list(zip(*curves, strict=True))
+    return [statistics.fmean(c) for c in cols], [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]
+
+
+def _mean_evals(per_seed: list[list[dict]]) -> list[dict]:
+    """Eval records averaged over the seeds (every seed evaluates at the same steps), with ``<key>_std``."""
+    out = []
+    for recs in zip(*per_seed, strict=True):
+        avg: dict[str, Any] = {"step": recs[0]["step"]}
+        for key in (k for k in recs[0] if k.startswith("val")):
+            avg[key], avg[f"{key}_std"], _ = mean_std([r.get(key) for r in recs])
+        out.append(avg)
+    return out
+
+
+# -- table and plot ----------------------------------------------------------------------------------------
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def _table(rows: list[dict], target: dict, cfg: CompareConfig) -> str:
+def _pm(row: dict, key: str, spec: str = ".4f") -> str:
+    """mean ± std of an aggregated field (just the value for one seed); a count of seeds wherever some lack it."""
+    mean, std = row[key], row[f"{key}_std"]
+    if mean is None:
+        return "—"
+    if row[f"{key}_n"] == 1 and spec == "d":
+        return format(round(mean), "d")
+    spec = ".1f" if spec == "d" else spec
+    return format(mean, spec) + ("" if std is None else f" ± {format(std, spec.lstrip('+'))}")
+
+
+def _table(rows: list[dict], target: dict, cfg: CompareConfig, seeds: list[int]) -> str:
+    n = len(seeds)
     has_acc = any(r["final_val_acc"] is not None for r in rows)
     head = (
-        "| scope | final train loss | EMA train loss | final val loss |"
+        "| scope | n | final train loss | EMA train loss | final val loss |"
         + (" val acc |" if has_acc else "")
         + " steps to target | slowdown | baseline-equivalent slowdown |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        sd = "not reached" if r["steps_to_target"] is None else f"{r['slowdown_pct']:+.1f} %"
-        acc = f" {_fmt(r['final_val_acc'], '.3f')} |" if has_acc else ""
-        eq = r["equivalent_slowdown_pct"]
-        eq = "— (below the baseline's curve)" if eq is None else f"{eq:+.1f} %"
-        lines.append(
-            f"| {r['scope']} | {_fmt(r['final_train_loss'])} | {_fmt(r['smoothed_train_loss'])} | "
-            f"{_fmt(r['final_val_loss'])} |{acc} {_fmt(r['steps_to_target'], 'd')} | {sd} | {eq} |"
+        reached = r["steps_to_target_n"]
+        missing = "" if reached in (0, n) else f" ({reached}/{n} seeds reached)"
+        sd = "not reached" if reached == 0 else f"{_pm(r, 'slowdown_pct', '+.1f')} %"
+        acc = f" {_pm(r, 'final_val_acc', '.3f')} |" if has_acc else ""
+        eq_n = r["equivalent_slowdown_pct_n"]
+        eq = (
+            "— (below the baseline's curve)"
+            if eq_n == 0
+            else f"{_pm(r, 'equivalent_slowdown_pct', '+.1f')} %" + ("" if eq_n == n else f" ({eq_n}/{n} seeds)")
         )
-    note = (
-        f"\nTarget: the '{target['baseline']}' run's EMA-smoothed train loss at its last step, "
-        f"{target['loss']:.4f} (first reached at step {target['baseline_steps']}); EMA decay {cfg.ema} with bias "
-        f"correction. Slowdown = extra steps to reach it, relative to the baseline. Baseline-equivalent: steps run / "
+        lines.append(
+            f"| {r['scope']} | {r['n']} | {_pm(r, 'final_train_loss')} | {_pm(r, 'smoothed_train_loss')} | "
+            f"{_pm(r, 'final_val_loss')} |{acc} {_pm(r, 'steps_to_target', 'd')}{missing} | {sd} | {eq} |"
+        )
+    if n == 1:
+        note = (
+            f"\nTarget: the '{target['baseline']}' run's EMA-smoothed train loss at its last step, "
+            f"{target['loss']:.4f} (first reached at step {_fmt(target['baseline_steps'], '.0f')}); EMA decay "
+            f"{cfg.ema} with bias correction."
+        )
+    else:
+        each = ", ".join(
+            f"seed {s}: {t['loss']:.4f} (step {_fmt(t['baseline_steps'], '.0f')})"
+            for s, t in target["per_seed"].items()
+        )
+        note = (
+            f"\nTarget, per seed: the '{target['baseline']}' run's EMA-smoothed train loss at its last step ({each}); "
+            f"EMA decay {cfg.ema} with bias correction. Every seed's runs are measured against their own seed's "
+            f"target; cells are mean ± sample standard deviation over the n = {n} seeds ({', '.join(map(str, seeds))});"
+            " steps and slowdowns average the seeds whose run reached the target (a count shows when some did not)."
+        )
+    note += (
+        " Slowdown = extra steps to reach the target, relative to the baseline. Baseline-equivalent: steps run / "
         "steps the baseline needed to reach the scope's final EMA loss, relative to the same ratio for the baseline."
     )
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + "\n" + _judgement(rows, target["baseline"], n)
 
 
-def _plot(cfg: CompareConfig, runs: dict, curves: dict, scopes: list[str], path: Path) -> str | None:
+def _judgement(rows: list[dict], baseline: str, n: int) -> str:
+    """The footnote's verdict on each run's gap to the baseline (see vs_baseline)."""
+    if n < 2:
+        return (
+            "\nOne seed: no spread, so no gap can be told from seed noise; --seeds K (K >= 2) repeats every run "
+            "under K seeds and says which gaps exceed 2 standard errors."
+        )
+    lines = [
+        f"\nDifferences from '{baseline}' (run − baseline): 'larger' = |difference| > 2 SE, "
+        "SE = sqrt(sd_run²/n + sd_baseline²/n) (Welch-style, unpaired: conservative, as the runs of a seed share init "
+        "and batches); 'within noise' = not distinguishable from seed-to-seed variation at this scale."
+    ]
+    for r in rows:
+        if r["scope"] == baseline:
+            continue
+        parts = []
+        for key, label, spec in JUDGED:
+            v = r["vs_baseline"][key]
+            if v["diff"] is None:
+                continue
+            gap = format(v["diff"], "+" + spec)
+            why = "undetermined" if v["two_se"] is None else f"2 SE {format(v['two_se'], spec)}: {v['verdict']}"
+            parts.append(f"{label} {gap} ({why})")
+        sd_mean, sd_n = r["slowdown_pct"], r["slowdown_pct_n"]
+        if sd_mean is not None and sd_n == r["n"] and sd_n >= 2:
+            # The baseline's own slowdown is 0 % in every seed, so its SE term vanishes.
+            two_se = 2.0 * r["slowdown_pct_std"] / math.sqrt(sd_n)
+            verdict = "larger" if abs(sd_mean) > two_se else "within noise"
+            parts.append(f"slowdown {sd_mean:+.1f} % (2 SE {two_se:.1f} %: {verdict})")
+        else:
+            parts.append("slowdown undetermined (target not reached in every seed)")
+        lines.append(f"- {r['scope']}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _plot(cfg: CompareConfig, runs: dict, scopes: list[str], seeds: list[int], path: Path) -> str | None:
     try:
         import matplotlib
 
@@ -193,30 +556,52 @@ def _plot(cfg: CompareConfig, runs: dict, curves: dict, scopes: list[str], path:
     except ImportError:
         print("note: matplotlib is not installed; no plot (pip install matplotlib)")
         return None
-    has_val = any(runs[s]["evals"] for s in scopes)
+    many = len(seeds) > 1
+    has_val = any(runs[s, seed]["evals"] for s in scopes for seed in seeds)
     fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(12 if has_val else 7, 4.5), squeeze=False)
+    tail = []
     for scope in scopes:
-        xs = range(1, len(curves[scope]) + 1)
-        (line,) = axes[0, 0].plot(xs, ema(curves[scope], cfg.ema), lw=1.5, label=scope)
-        axes[0, 0].plot(xs, curves[scope], lw=0.5, alpha=0.25, color=line.get_color())
+        raw, _ = _mean_curve([runs[scope, seed]["curve"] for seed in seeds])
+        mean, std = _mean_curve([ema(runs[scope, seed]["curve"], cfg.ema) for seed in seeds])
+        xs = range(1, len(mean) + 1)
+        (line,) = axes[0, 0].plot(xs, mean, lw=1.5, label=scope)
+        axes[0, 0].plot(xs, raw, lw=0.5, alpha=0.25, color=line.get_color())
+        if many:
+            lo = [m - s for m, s in zip(mean, std, strict=True)]
+            hi = [m + s for m, s in zip(mean, std, strict=True)]
+            axes[0, 0].fill_between(xs, lo, hi, alpha=0.2, lw=0, color=line.get_color())
+            tail += lo[max(len(mean) // 10, 1) :] + hi[max(len(mean) // 10, 1) :]
+        else:
+            tail += mean[max(len(mean) // 10, 1) :]
         if has_val:
-            ev = runs[scope]["evals"]
-            axes[0, 1].plot(
-                [e["step"] for e in ev], [e["val_loss"] for e in ev], "o-", ms=3, label=scope, color=line.get_color()
-            )
+            ev = _mean_evals([runs[scope, seed]["evals"] for seed in seeds])
+            steps, val = [e["step"] for e in ev], [e["val_loss"] for e in ev]
+            axes[0, 1].plot(steps, val, "o-", ms=3, label=scope, color=line.get_color())
+            if many:
+                spread = [e["val_loss_std"] or 0.0 for e in ev]
+                axes[0, 1].fill_between(
+                    steps,
+                    [v - s for v, s in zip(val, spread, strict=True)],
+                    [v + s for v, s in zip(val, spread, strict=True)],
+                    alpha=0.2,
+                    lw=0,
+                    color=line.get_color(),
+                )
     # The first tenth of training spans most of the loss range: zoom on the rest, where the scopes differ.
-    tail = [x for c in curves.values() for x in ema(c, cfg.ema)[max(len(c) // 10, 1) :]]
     if tail:
         lo, hi = min(tail), max(tail)
         axes[0, 0].set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-    axes[0, 0].set(xlabel="step", ylabel=f"train loss (EMA {cfg.ema})", title="train loss")
+    band = ", mean ± 1 std over seeds" if many else ""
+    axes[0, 0].set(xlabel="step", ylabel=f"train loss (EMA {cfg.ema}{band})", title="train loss")
     if has_val:
-        axes[0, 1].set(xlabel="step", ylabel="val loss", title="validation loss")
+        axes[0, 1].set(xlabel="step", ylabel=f"val loss{band.replace(', ', ' (') + ')' if many else ''}")
+        axes[0, 1].set_title("validation loss")
     for ax in axes[0]:
         ax.legend()
         ax.grid(alpha=0.3)
     what = "AdamW under rotation scopes" if all(s in ALL_SCOPES for s in scopes) else "rotation scopes and baselines"
-    fig.suptitle(f"{cfg.model}: {what} (block {cfg.block_size}, seed {cfg.seed})")
+    seed_text = f"seed {seeds[0]}" if not many else f"{len(seeds)} seeds: {', '.join(map(str, seeds))}"
+    fig.suptitle(f"{cfg.model}: {what} (block {cfg.block_size}, {seed_text})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
