@@ -54,6 +54,13 @@ from ..scopes import SCOPES, build_units, param_groups_for
 
 KERNEL_MODULE = "rotkern.kernels.rotated_adamw_step"
 KERNELS = ("_rotated_adamw_kernel", "_adamw_kernel")
+TWO_SIDED_MODULE = "rotkern.kernels.two_sided_adamw"
+# Where each kernel a LaunchedKernel names is defined.
+_MODULES = {**{k: KERNEL_MODULE for k in KERNELS}, "_two_sided_kernel": TWO_SIDED_MODULE}
+
+
+def _kernel_fn(name: str):
+    return getattr(importlib.import_module(_MODULES[name]), name)
 MODELS = ("gpt2-124m", "vit-s16", "resnet50")
 P_DTYPES = (torch.float32, torch.bfloat16)
 BLOCK_SIZE = 768  # the optimizer's default n
@@ -220,6 +227,37 @@ def launched_kernels(
     return out
 
 
+def two_sided_launches(
+    shapes: Sequence[tuple[int, int]] = ((768, 768), (3072, 768), (768, 3072)),
+    p_dtypes: Sequence[torch.dtype] = P_DTYPES,
+    precisions: Sequence[str] = PRECISIONS,
+) -> list[LaunchedKernel]:
+    """The launches of :func:`rotkern.kernels.two_sided_adamw.two_sided_adamw_step` for (k, w) matrices with dense
+    bases on both sides (the eigen scope's GPT-2 weights), on meta tensors."""
+    if interpret_mode():
+        raise RuntimeError("the compile report needs TRITON_INTERPRET unset (the interpreter has other tiles)")
+    module = importlib.import_module(TWO_SIDED_MODULE)
+    saved = {name: getattr(module, name) for name in ("_two_sided_kernel", "why_not_triton")}
+    calls: list[LaunchedKernel] = []
+    meta = torch.device("meta")
+    try:
+        module._two_sided_kernel = _Recorder("_two_sided_kernel", calls)
+        module.why_not_triton = lambda t: None if t.device.type == "meta" else saved["why_not_triton"](t)
+        for k, w in shapes:
+            for p_dtype in p_dtypes:
+                for precision in precisions:
+                    p = torch.empty(k, w, dtype=p_dtype, device=meta)
+                    m, v = torch.empty(k, w, device=meta), torch.empty(k, w, device=meta)
+                    left, right = torch.empty(k, k, device=meta), torch.empty(w, w, device=meta)
+                    module.two_sided_adamw_step(p, torch.empty_like(p), m, v, None, left, right, lr=6e-4, beta1=0.9,
+                                                beta2=0.95, eps=1e-8, weight_decay=0.1, step=3.0,
+                                                precision=precision)  # fmt: skip
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+    return calls
+
+
 @dataclass
 class Variant:
     """One distinct compiled kernel for a target, and the configurations that launch it."""
@@ -265,7 +303,7 @@ def _backend(capability: int):
 def _binder(kernel: str, capability: int):
     from triton.runtime.jit import create_function_from_signature
 
-    fn = getattr(importlib.import_module(KERNEL_MODULE), kernel)
+    fn = _kernel_fn(kernel)
     return create_function_from_signature(fn.signature, fn.params, _backend(capability))
 
 
@@ -273,7 +311,7 @@ def compile_inputs(launch: LaunchedKernel, capability: int) -> Variant:
     """What ``JITFunction.run`` would hand ``triton.compile`` for this launch on a GPU of ``capability``."""
     from triton import knobs
 
-    fn = getattr(importlib.import_module(KERNEL_MODULE), launch.kernel)
+    fn = _kernel_fn(launch.kernel)
     backend = _backend(capability)
     kwargs = dict(launch.kwargs)
     # The options JITFunction.run adds before it binds (those this Triton knows).
@@ -404,7 +442,7 @@ def _compile(variant: Variant) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    fn = getattr(importlib.import_module(KERNEL_MODULE), variant.kernel)
+    fn = _kernel_fn(variant.kernel)
     src = ASTSource(fn, variant.signature, variant.constexprs, variant.attrs)
     log = io.StringIO()
     t0 = time.perf_counter()

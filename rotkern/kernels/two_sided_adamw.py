@@ -271,6 +271,11 @@ def two_sided_adamw_step(
         return None if t is None else (t if batched else t.unsqueeze(0))
 
     p3, g3, m3, v3, vmax3, gr3, l3, r3 = map(bat, (p, g, m, v, vmax if amsgrad else None, g_rot, L, R))
+    if g3.dtype != torch.float32 and gr3 is None:
+        # A bf16/fp16 B operand beside the transposed fp32 basis spills at ieee (AOT for sm_90 / sm_80: 255
+        # registers, ~620 B of spills); one fp32 copy of G is a k x w pass and keeps every GEMM fp32 x fp32.
+        with _device_guard(p.device):
+            g3 = g3.float()
     dummy = m3  # for pointer arguments an epilogue does not read
     bm, bn, bk = _block(k, 64), _block(w, 64), 32
 

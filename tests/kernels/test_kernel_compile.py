@@ -109,3 +109,22 @@ def test_the_report_restores_the_launcher():
     # Rows of 24 at n = 16: blocks of 16 and residuals of 8 (two launches); the vector is unrotated.
     assert kernels == ["_rotated_adamw_kernel", "_rotated_adamw_kernel", "_adamw_kernel"]
     assert {name: getattr(module, name) for name in before} == before
+
+
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+def test_two_sided_kernel_compiles_without_spills(target):
+    """The eigen scope's two-sided kernel at GPT-2's weight shapes (768 x 768, 3072 x 768, 768 x 3072; fp32 and
+    bf16 params; every precision): compiles, no spill, shared memory within the target's limit."""
+    tgt = report.TARGETS[target]
+    variants = {}
+    for launch in report.two_sided_launches():
+        var = report.compile_inputs(launch, tgt.capability)
+        variants.setdefault(var.key(), var)
+    print(f"\n{target}: {len(variants)} two-sided variants")
+    for var in variants.values():
+        res = report._compile(var)
+        assert "error" not in res, f"{var.label()}: {res.get('error')}"
+        print(f"  {var.label()[:110]}: {res['registers']} registers, spills {res['spill_stores']}/"
+              f"{res['spill_loads']} B, {res['shared'] // 1024} KB shared")  # fmt: skip
+        assert res["spill_stores"] == 0 and res["spill_loads"] == 0, var.label()
+        assert res["shared"] <= tgt.max_shared_per_cta, var.label()
