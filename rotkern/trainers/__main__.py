@@ -1,7 +1,8 @@
 """``python -m rotkern.trainers <command> [--key=value ...]`` (also the ``rotkern`` console script).
 
 Commands: quadratic (Figure 4 in miniature), train (one run), compare (Figure 1 in miniature: one model under
-several rotation scopes), validate (eager against fused RotatedAdamW on identical batches).
+several rotation scopes), validate (eager against fused RotatedAdamW on identical batches), analyze (the paper's
+metrics on checkpoints: update orthogonality, gradient bound, second moments, Hessian rows).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def _add_config_args(parser: argparse.ArgumentParser, cfg_cls) -> None:  # kept 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import analyze as analyze_mod
+    from .analyze import AnalyzeConfig
     from .compare import CompareConfig
     from .quadratic import QuadraticConfig
     from .train import PRESETS, TrainConfig
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, (cls, text) in commands.items():
         add_config_args(sub.add_parser(name, help=text, description=text), cls, suppress=True)
+    text = "the paper's metrics (CV, gradient bound, v spread, Hessian rows) on checkpoints, side by side"
+    raw = argparse.RawTextHelpFormatter
+    a = sub.add_parser("analyze", help=text, description=text, epilog=analyze_mod.__doc__, formatter_class=raw)
+    a.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_CKPT", help="ckpt.pt files, run folders, compare out_dirs")
+    add_config_args(a, AnalyzeConfig, suppress=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "quadratic":
@@ -41,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = QuadraticConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuadraticConfig)})
             quadratic_main(cfg)
+            return 0
+        if args.command == "analyze":
+            from .analyze import analyze
+
+            analyze(args.paths, config_from_args(AnalyzeConfig, args))
             return 0
         cls = commands[args.command][0]
         cfg = config_from_args(cls, args, PRESETS)

@@ -1,0 +1,909 @@
+"""``rotkern analyze``: the paper's analyses (rotkern.metrics) on checkpoints of ``train`` / ``compare``.
+
+Each input is a checkpoint (``ckpt.pt``), a run folder holding one, or a compare ``out_dir`` (every ``ckpt.pt``
+below it); several inputs put their runs side by side. A run is labelled by its scope (the rotation of a
+rotated-AdamW run, else the optimizer: adamw, soap, muon, sgdm) and seed from the checkpoint's saved config.
+
+For each checkpoint the model and the optimizer it was trained with are rebuilt from the saved config (the one
+in use at the checkpoint's step, after a ``--switch_at``), both states are loaded, and on the run's own data
+(or ``--data``):
+
+1. update orthogonality (SPEC 5): CV(A) of ``A = R^T m / (sqrt(v) + eps)`` (raw moments) per linear matrix,
+   q/k/v split, embeddings excluded (:func:`rotkern.metrics.update_cv`), with the C.4 alternatives
+   (:func:`rotkern.metrics.orthogonality_metrics`); averaged per layer type over depth and per run;
+2. the L-infinity gradient bound of Alg 1 (:class:`rotkern.metrics.GradientBound`) over ``--batches`` T
+   minibatches: micro-batch 0 of steps ``step .. step + T - 1`` of the run's batch stream (the batches the
+   run would have seen next), in train mode (dropout as in training, with a fixed seed per batch; BatchNorm
+   buffers are put back afterwards), the raw gradient (no clipping);
+3. the spread of Adam's second moment v (raw exp_avg_sq, in the optimizer's basis): quantiles and a log10
+   histogram (:func:`rotkern.metrics.second_moment_stats`);
+4. with ``--hessian_rows N``: N rows of the Hessian of the rotated loss f(D^T w~), by HVPs averaged over
+   ``--hvp_batches`` minibatches (:func:`rotkern.metrics.hessian_rows`), at flat ids (optimizer layout, linear
+   matrices only) drawn from ``--hessian_seed``; each row's l1 norm, the (1,1)-norm estimate and the
+   neuron / layer / other split (:func:`rotkern.metrics.row_partition`) of ``r_i . dw`` for a random unit
+   direction dw and for the update dw = w_(t+1) - w_t of one more training step from the checkpoint.
+
+A torch AdamW run is measured through a RotatedAdamW with rotation ``none`` holding its moments (D = I, so the
+state carries over exactly); runs without Adam moments (sgdm, rotated-sgdm, muon) get the gradient bound only.
+
+Output in ``--out_dir`` (default ``analysis/`` in the first input's folder; an existing analysis.json there is
+never overwritten): analysis.json, summary.md (tables and a sentence per ordering of SPEC 5 that these runs can
+check), cv_by_layer.png, v_hist.png and, when a baseline (none or adamw) is among several runs,
+delta_loss_vs_delta_cv.png (paper Fig. 11).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import metrics as M
+from ..optim import RotatedAdamW, from_adamw_state
+from ..optim._base import RotatedOptimizerBase
+from ..scopes import param_groups_for
+from .common import TrainerError
+from .train import (
+    Setup,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    loss_of,
+    make_optimizer,
+    make_setup,
+    optimizer_after,
+    optimizer_label,
+    train_step,
+)
+
+ANALYSIS_FORMAT = 1
+BASELINE_SCOPES = ("none", "adamw")
+ALTERNATIVES = ("scaled_deviation", "cv_gram", "scaled_gram", "svd_entropy")
+LAYER_TYPES = (  # (pattern on the matrix name, layer type), first match wins
+    (r"attn\.c_attn\.weight\[q\]$", "Q"),
+    (r"attn\.c_attn\.weight\[k\]$", "K"),
+    (r"attn\.c_attn\.weight\[v\]$", "V"),
+    (r"attn\.c_proj\.weight$", "O"),
+    (r"mlp\.c_fc\.weight$", "W1"),
+    (r"mlp\.c_proj\.weight$", "W2"),
+    # SimpleViT (models.py): layers.<depth>.0 = attention, layers.<depth>.1 = LayerNorm, Linear, GELU, Linear
+    (r"to_qkv\.weight\[q\]$", "Q"),
+    (r"to_qkv\.weight\[k\]$", "K"),
+    (r"to_qkv\.weight\[v\]$", "V"),
+    (r"to_out\.weight$", "O"),
+    (r"^layers\.\d+\.1\.1\.weight$", "W1"),
+    (r"^layers\.\d+\.1\.3\.weight$", "W2"),
+)
+
+
+@dataclass
+class AnalyzeConfig:
+    out_dir: str = ""  # where the results go; "" = analysis/ in the first input's folder (never overwritten)
+    batches: int = 20  # T minibatches for the gradient bound of Alg 1 (the paper's 1000)
+    hessian_rows: int = 0  # N Hessian rows by HVP per checkpoint (SPEC 6); 0 = off
+    hvp_batches: int = 1  # k minibatches each Hessian row is averaged over (the paper's 5000)
+    hessian_seed: int = 0  # draws the flat ids of the rows (same model -> same ids for every run) and the random dw
+    hessian_ids: str = ""  # comma-separated flat ids (optimizer layout) to use instead of drawn ones
+    unbiased: bool = False  # CV with the sample std (n - 1) instead of the population std (the paper does not say)
+    bins: int = 96  # histogram bins of log10 v
+    v_log10_min: float = -24.0  # histogram range of log10 v
+    v_log10_max: float = 0.0
+    approx_tol: float = 0.1  # "output ~ none" holds when their mean CVs differ by at most this fraction of none's
+    data: str = ""  # "" = each checkpoint's own data (its saved --data; embedded when that was "")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    plot: bool = True  # write the PNG figures (needs matplotlib)
+
+
+# -- inputs ----------------------------------------------------------------------------------------------
+
+
+def find_checkpoints(paths: Iterable[str]) -> list[Path]:
+    """Checkpoint files from the inputs: a file as given, a folder's ckpt.pt, else every ckpt.pt below it."""
+    found: list[Path] = []
+    for text in paths:
+        p = Path(text)
+        if not p.exists():
+            raise TrainerError(f"{text!r} does not exist (give a ckpt.pt, a run folder or a compare out_dir)")
+        if p.is_file():
+            hits = [p]
+        elif (p / "ckpt.pt").is_file():
+            hits = [p / "ckpt.pt"]
+        else:
+            hits = sorted(p.rglob("ckpt.pt"))
+            if not hits:
+                raise TrainerError(f"{text!r} holds no ckpt.pt (give a ckpt.pt, a run folder or a compare out_dir)")
+        for h in hits:
+            if h.resolve() not in {f.resolve() for f in found}:
+                found.append(h)
+    if not found:
+        raise TrainerError("analyze needs at least one checkpoint, run folder or compare out_dir")
+    return found
+
+
+def default_out_dir(first_input: str) -> Path:
+    p = Path(first_input)
+    return (p.parent if p.is_file() else p) / "analysis"
+
+
+def scope_of(cfg: TrainConfig) -> str:
+    """The name compare gives this run: the rotation of a rotated-AdamW run, else the optimizer."""
+    if cfg.optimizer in ("rotated-eager", "rotated-fused"):
+        return cfg.rotation
+    if cfg.optimizer == "rotated-sgdm":
+        return f"rotated-sgdm:{cfg.rotation}"
+    return cfg.optimizer
+
+
+def run_scope(cfg: TrainConfig, step: int) -> str:
+    """:func:`scope_of` the optimizer in use at ``step``; "<from>-><to>" for a run switched before it."""
+    active = scope_of(optimizer_after(cfg, step))
+    return active if optimizer_after(cfg, step) is cfg else f"{scope_of(cfg)}->{active}"
+
+
+def layer_type(name: str) -> str:
+    """Q, K, V, O, W1, W2 for GPT's and SimpleViT's matrices; other names (ResNet's): the name with its first
+    index (the block / stage) replaced by '*'."""
+    for pattern, kind in LAYER_TYPES:
+        if re.search(pattern, name):
+            return kind
+    return re.sub(r"(?<=\.)\d+(?=\.)", "*", name, count=1)
+
+
+# -- progress --------------------------------------------------------------------------------------------
+
+
+def progress(items: Iterable, total: int, desc: str) -> Iterator:
+    """tqdm when importable and stdout is a TTY, else a one-line counter on a TTY, else nothing."""
+    if not sys.stdout.isatty():
+        yield from items
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        t0 = time.perf_counter()
+        for i, x in enumerate(items, 1):
+            yield x
+            print(f"\r  {desc}: {i}/{total} ({time.perf_counter() - t0:.1f} s)", end="", flush=True)
+        print()
+        return
+    yield from tqdm(items, total=total, desc=f"  {desc}", leave=False)
+
+
+# -- rebuilding a run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    path: Path
+    ckpt: dict
+    cfg: TrainConfig  # the saved run config, with analyze's device / data
+    active: TrainConfig  # the optimizer config in use at the checkpoint's step
+    setup: Setup
+    model: torch.nn.Module
+    opt: Any  # the optimizer the run was trained with
+    mopt: RotatedOptimizerBase  # what the metrics read: opt itself, or a rotation-none proxy
+    adam: bool  # mopt holds Adam moments
+    step: int
+    notes: list[str]
+
+
+def saved_config(ckpt: dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+
+
+def rebuild(path: Path, ckpt: dict, acfg: AnalyzeConfig, *, math_attention: bool) -> Run:
+    notes: list[str] = []
+    saved = saved_config(ckpt)
+    over: dict[str, Any] = dict(device=acfg.device, workers=0, out_dir="", resume="", stop_step=0)
+    if acfg.data:
+        over["data"] = acfg.data
+    if math_attention and saved.attention != "math":
+        over["attention"] = "math"  # HVPs need double backward: flash / efficient kernels have none
+        notes.append(f"attention {saved.attention} -> math for the HVPs")
+    cfg = dataclasses.replace(saved, **over)
+    s = make_setup(cfg)
+    if ckpt.get("data_fingerprint") != s.data.fingerprint:
+        notes.append(f"analysed on other data than trained on ({s.data.description})")
+    step = int(ckpt["step"])
+    active = optimizer_after(cfg, step)
+    if active is not cfg:
+        notes.append(f"switched from {optimizer_label(cfg)} to {optimizer_label(active)} after step {cfg.switch_at}")
+    model = s.build_model()
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise TrainerError(f"{path}: the checkpoint does not fit {cfg.model}: {str(e).splitlines()[0]}") from None
+    saved_opt = ckpt.get("optimizer_name", active.optimizer)
+    if saved_opt != active.optimizer:
+        active = dataclasses.replace(active, optimizer=saved_opt)
+    try:
+        opt = make_optimizer(active, model)
+    except TrainerError as e:
+        if active.optimizer != "rotated-fused":
+            raise
+        active = dataclasses.replace(active, optimizer="rotated-eager")  # same state, same rotations
+        opt = make_optimizer(active, model)
+        notes.append(f"rotated-fused rebuilt as rotated-eager ({e})")
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise TrainerError(f"{path}: cannot load the optimizer state into {optimizer_label(active)}: {e}") from None
+    if isinstance(opt, RotatedOptimizerBase):
+        mopt, adam = opt, "exp_avg" in opt._moment_keys
+    else:
+        # The standard basis: a rotation-none RotatedAdamW over the same params (D = I), holding AdamW's moments.
+        mopt = RotatedAdamW(
+            param_groups_for(model, weight_decay=active.weight_decay),
+            lr=active.lr,
+            betas=(active.beta1, active.beta2),
+            eps=active.eps,
+            weight_decay=active.weight_decay,
+            rotation="none",
+        )
+        adam = isinstance(opt, torch.optim.AdamW)
+        if adam:
+            mopt.load_state_dict(from_adamw_state(mopt, opt))
+    if not adam:
+        notes.append(f"{optimizer_label(active)} keeps no Adam moments: gradient bound (and Hessian) only")
+    return Run(path, ckpt, cfg, active, s, model, opt, mopt, adam, step, notes)
+
+
+def _params(run: Run) -> list[torch.Tensor]:
+    return [p for g in run.mopt.param_groups for p in g["params"]]
+
+
+class _TrainMode:
+    """Train mode (dropout and BatchNorm as in training) under a forked RNG; on exit the model's buffers
+    (BatchNorm's running statistics) and mode are put back, so the analyses leave the model as loaded. Wrap the
+    backward passes too: BatchNorm's backward reads the buffers its forward saw."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.buffers = [b.detach().clone() for b in self.model.buffers()]
+        devices = [p.device for p in self.model.parameters() if p.device.type == "cuda"][:1]
+        self.rng = torch.random.fork_rng(devices=devices)
+        self.rng.__enter__()
+        self.model.train()
+        return self
+
+    def __exit__(self, *exc):
+        self.rng.__exit__(*exc)
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), self.buffers, strict=True):
+                b.copy_(saved)
+        self.model.train(self.was)
+        return False
+
+
+def minibatch_loss(run: Run, b: int) -> torch.Tensor:
+    """Loss of analysis minibatch b: micro-batch 0 of step ``step + b`` of the run's stream, with a seed of its own
+    (dropout); call it inside ``_TrainMode(run.model)``."""
+    x, y = run.setup.batch(run.step + b, 0)
+    if x.is_floating_point():
+        x = x.to(next(run.model.parameters()).dtype)
+    torch.manual_seed(1_000_003 * run.cfg.seed + b)
+    return loss_of(run.setup.kind, run.model, x, y)
+
+
+# -- the analyses ----------------------------------------------------------------------------------------
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return math.fsum(xs) / len(xs) if xs else None
+
+
+def orthogonality(run: Run, acfg: AnalyzeConfig) -> dict | None:
+    if not run.adam:
+        return None
+    per_matrix = M.update_cv(
+        run.mopt, run.model, unbiased=acfg.unbiased, metric=lambda a: M.orthogonality_metrics(a, unbiased=acfg.unbiased)
+    )
+    if not per_matrix:
+        return None
+    keys = ("cv", *ALTERNATIVES)
+    types: dict[str, list[str]] = {}
+    for name in per_matrix:
+        types.setdefault(layer_type(name), []).append(name)
+    per_type = {t: {k: _mean(per_matrix[n][k] for n in names) for k in keys} for t, names in types.items()}
+    for t, names in types.items():
+        per_type[t]["matrices"] = len(names)
+    cvs = [per_matrix[n]["cv"] for n in per_matrix]
+    overall = {k: _mean(m[k] for m in per_matrix.values()) for k in keys}
+    overall.update(cv_median=statistics.median(cvs), cv_max=max(cvs), cv_min=min(cvs), matrices=len(cvs))
+    return {"per_matrix": per_matrix, "per_layer_type": per_type, "run": overall}
+
+
+def gradient_bound(run: Run, batches: int) -> dict:
+    params = _params(run)
+    bound = M.GradientBound(run.mopt)
+    per_batch = []
+    t0 = time.perf_counter()
+    with _TrainMode(run.model):
+        for b in progress(range(batches), batches, "gradient bound"):
+            grads = torch.autograd.grad(minibatch_loss(run, b), params, allow_unused=True)
+            per_batch.append(bound.update(list(grads)))
+    return {
+        "value": bound.value,
+        "batches": bound.count,
+        "per_batch": per_batch,
+        "steps": [run.step, run.step + batches - 1],
+        "rows_per_batch": run.cfg.batch_size,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def second_moments(run: Run, acfg: AnalyzeConfig) -> dict | None:
+    if not run.adam:
+        return None
+    return M.second_moment_stats(run.mopt, log10_range=(acfg.v_log10_min, acfg.v_log10_max), bins=acfg.bins)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return sorted({int(t) for t in text.split(",")})
+    except ValueError:
+        raise TrainerError(f"--hessian_ids={text!r}: give comma-separated integers") from None
+
+
+def hessian_ids(layout: M.ParamLayout, acfg: AnalyzeConfig) -> list[int]:
+    """``--hessian_ids``, else N distinct flat ids drawn uniformly over the linear (>= 2-D, non-embedding) params."""
+    if acfg.hessian_ids.strip():
+        ids = parse_ids(acfg.hessian_ids)
+        for i in ids:
+            if not 0 <= i < layout.numel:
+                raise TrainerError(f"--hessian_ids: {i} is outside the model's flat ids [0, {layout.numel})")
+        return ids
+    spans = [
+        (layout.starts[j], layout.starts[j + 1])
+        for j, shape in enumerate(layout.shapes)
+        if len(shape) >= 2 and layout.roles[j] != "embedding"
+    ]
+    if not spans:
+        spans = [(0, layout.numel)]
+    total = sum(b - a for a, b in spans)
+    n = min(acfg.hessian_rows, total)
+    gen = torch.Generator().manual_seed(acfg.hessian_seed)
+    picked: set[int] = set()
+    while len(picked) < n:
+        for r in torch.randint(total, (n,), generator=gen).tolist():
+            if len(picked) == n:
+                break
+            for a, b in spans:  # offset among the eligible ids -> flat id
+                if r < b - a:
+                    picked.add(a + r)
+                    break
+                r -= b - a
+    return sorted(picked)
+
+
+def update_delta(run: Run, acfg: AnalyzeConfig) -> list[torch.Tensor]:
+    """dw = w_(t+1) - w_t of one more training step from the checkpoint, on a fresh copy of the run."""
+    other = rebuild(run.path, run.ckpt, acfg, math_attention=False)
+    before = [p.detach().clone() for p in _params(other)]
+    train_step(other.setup, other.model, other.opt, other.step)
+    return [p.detach() - b for p, b in zip(_params(other), before, strict=True)]
+
+
+def hessian(run: Run, acfg: AnalyzeConfig, label: str) -> dict:
+    params = _params(run)
+    layout = M.ParamLayout.from_optimizer(run.mopt)
+    ids = hessian_ids(layout, acfg)
+    k = acfg.hvp_batches
+    dtype = torch.float64 if len(ids) * layout.numel <= 1 << 27 else torch.float32
+    t0 = time.perf_counter()
+    with _TrainMode(run.model):
+        M.hessian_rows(lambda b: minibatch_loss(run, b), params, ids[:1], num_batches=1, opt=run.mopt, dtype=dtype)
+    one = time.perf_counter() - t0
+    print(
+        f"  [{label}] hessian: {len(ids)} rows x {k} minibatches; one HVP (with its forward and backward) took "
+        f"{one:.3g} s, so about {one * len(ids) * k:.3g} s at most",
+        flush=True,
+    )
+    bar = iter(progress(range(k), k, "hessian rows"))
+
+    def loss_fn(b: int) -> torch.Tensor:
+        next(bar, None)
+        return minibatch_loss(run, b)
+
+    t0 = time.perf_counter()
+    with _TrainMode(run.model):
+        rows = M.hessian_rows(loss_fn, params, ids, num_batches=k, opt=run.mopt, dtype=dtype)
+    next(bar, None)
+    seconds = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(acfg.hessian_seed + 1)
+    rand = torch.randn(layout.numel, generator=gen, dtype=torch.float64)
+    rand /= rand.norm()
+    upd = torch.cat([t.reshape(-1).double().cpu() for t in M.to_rotated_basis(run.mopt, update_delta(run, acfg))])
+    out_rows = []
+    for r, i in enumerate(ids):
+        row = rows[r].cpu()
+        pos = layout.locate(i)
+        out_rows.append(
+            {
+                "id": i,
+                "param": pos.name,
+                "row": pos.row,
+                "col": pos.col,
+                "l1": row.abs().double().sum().item(),
+                "diagonal": row[i].item(),
+                "random_dw": M.row_partition(row, rand, i, layout),
+                "update_dw": M.row_partition(row, upd, i, layout),
+            }
+        )
+    return {
+        "ids": ids,
+        "hvp_batches": k,
+        "basis": "optimizer (rotated) layout: rows of D H D^T",
+        "l11_estimate": M.l11_estimate(rows),
+        "rows": out_rows,
+        "mean_partition": {
+            kind: {part: _mean(r[kind][part] for r in out_rows) for part in ("neuron", "layer", "other", "total")}
+            for kind in ("random_dw", "update_dw")
+        },
+        "seconds_per_hvp": one,
+        "seconds": seconds,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def final_loss(run: Run) -> dict:
+    """The run's final losses at the checkpoint's step from its log.jsonl, else a fresh evaluation."""
+    out: dict[str, Any] = {"train_loss": None, "val_loss": None, "source": None}
+    log = run.path.parent / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step") != run.step:
+                continue
+            if rec.get("type") == "step":
+                out["train_loss"] = rec.get("loss")
+            elif rec.get("type") in ("eval", "final") and rec.get("val_loss") is not None:
+                out["val_loss"] = rec["val_loss"]
+            if rec.get("type") == "final" and rec.get("loss") is not None:
+                out["train_loss"] = rec["loss"]
+        if out["train_loss"] is not None or out["val_loss"] is not None:
+            out["source"] = str(log)
+    if out["val_loss"] is None:
+        out["val_loss"] = evaluate(run.setup, run.model)["val_loss"]
+        out["source"] = (out["source"] + " + " if out["source"] else "") + "evaluated now"
+    return out
+
+
+# -- the command -----------------------------------------------------------------------------------------
+
+
+def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
+    """Analyse the checkpoints found under ``paths`` (see the module docstring); returns analysis.json's dict."""
+    for key in ("batches", "hvp_batches", "bins"):
+        if getattr(acfg, key) < 1:
+            raise TrainerError(f"--{key} must be >= 1, got {getattr(acfg, key)}")
+    if acfg.hessian_rows < 0:
+        raise TrainerError(f"--hessian_rows must be >= 0, got {acfg.hessian_rows}")
+    if not acfg.v_log10_min < acfg.v_log10_max:
+        raise TrainerError("--v_log10_min must be below --v_log10_max")
+    if acfg.hessian_ids.strip():
+        parse_ids(acfg.hessian_ids)
+    found = find_checkpoints(paths)
+    out = Path(acfg.out_dir) if acfg.out_dir else default_out_dir(paths[0])
+    if (out / "analysis.json").exists():
+        raise TrainerError(f"{out / 'analysis.json'} already exists; pick another --out_dir or remove it")
+    ckpts = [(p, load_checkpoint(str(p))) for p in found]
+    labels = _labels(ckpts)
+    want_hessian = acfg.hessian_rows > 0 or bool(acfg.hessian_ids.strip())
+    print(f"analyze: {len(ckpts)} checkpoint(s) -> {out}", flush=True)
+    runs = []
+    for (path, ckpt), label in zip(ckpts, labels, strict=True):
+        t0 = time.perf_counter()
+        run = rebuild(path, ckpt, acfg, math_attention=want_hessian)
+        n_params = sum(p.numel() for p in run.model.parameters())
+        print(
+            f"  [{label}] {path}: {run.cfg.model} ({n_params / 1e6:.2f}M params), {optimizer_label(run.active)}, "
+            f"step {run.step}",
+            flush=True,
+        )
+        result: dict[str, Any] = {
+            "label": label,
+            "scope": run_scope(run.cfg, run.step),
+            "optimizer": optimizer_label(run.active),
+            "seed": run.cfg.seed,
+            "checkpoint": str(path),
+            "step": run.step,
+            "model": run.cfg.model,
+            "block_size": run.cfg.block_size,
+            "data": run.setup.data.description,
+            "notes": run.notes,
+        }
+        result["loss"] = final_loss(run)
+        result["orthogonality"] = orthogonality(run, acfg)
+        result["gradient_bound"] = gradient_bound(run, acfg.batches)
+        result["second_moment"] = second_moments(run, acfg)
+        result["hessian"] = hessian(run, acfg, label) if want_hessian else None
+        orth = result["orthogonality"]
+        cv = f"mean CV {orth['run']['cv']:.4f}, " if orth else ""
+        print(
+            f"  [{label}] {cv}gradient bound {result['gradient_bound']['value']:.4g} "
+            f"({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+        runs.append(result)
+    scopes = aggregate_scopes(runs)
+    orderings = all_orderings(scopes, acfg.approx_tol)
+    analysis: dict[str, Any] = {
+        "format": ANALYSIS_FORMAT,
+        "config": dataclasses.asdict(acfg),
+        "inputs": list(paths),
+        "runs": runs,
+        "scopes": scopes,
+        "baselines": {model: _baseline(rows) for model, rows in by_model(scopes).items()},
+        "orderings": orderings,
+        "figures": [],
+    }
+    analysis["delta_points"] = delta_points(analysis)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "analysis.json").exists():  # written meanwhile by another analyze
+        raise TrainerError(f"{out / 'analysis.json'} already exists; pick another --out_dir or remove it")
+    if acfg.plot:
+        analysis["figures"] = plot(analysis, out)
+    summary = summary_md(analysis)
+    (out / "summary.md").write_text(summary)
+    (out / "analysis.json").write_text(json.dumps(_clean(analysis), indent=2, allow_nan=False))
+    print(summary)
+    print(f"analysis: {out / 'analysis.json'}, {out / 'summary.md'}" + "".join(f", {f}" for f in analysis["figures"]))
+    return analysis
+
+
+def _clean(x: Any) -> Any:
+    """JSON-ready: nan / inf -> None (strict JSON has neither), dict keys -> str, tuples -> lists."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if torch.is_tensor(x):
+        return _clean(x.tolist())
+    return x
+
+
+def _labels(ckpts: list[tuple[Path, dict]]) -> list[str]:
+    """``scope seedS``; made unique by the run's folder where two checkpoints would share a label."""
+    base = []
+    for _, ckpt in ckpts:
+        cfg = saved_config(ckpt)
+        base.append(f"{run_scope(cfg, int(ckpt['step']))} seed{cfg.seed}")
+    out = []
+    for (path, _), label in zip(ckpts, base, strict=True):
+        out.append(label if base.count(label) == 1 else f"{label} ({path.parent})")
+    return out
+
+
+def aggregate_scopes(runs: list[dict]) -> dict[str, dict]:
+    """Per scope (per model and scope when the runs hold several models: key "<model> <scope>"), over its seeds:
+    mean and sample std of the run-level numbers, and the per-layer-type CV."""
+    scopes: dict[str, dict] = {}
+    multi = len({r["model"] for r in runs}) > 1
+    for model, scope in dict.fromkeys((r["model"], r["scope"]) for r in runs):
+        mine = [r for r in runs if (r["model"], r["scope"]) == (model, scope)]
+        row: dict[str, Any] = {
+            "model": model,
+            "scope": scope,
+            "n": len(mine),
+            "seeds": [r["seed"] for r in mine],
+            "labels": [r["label"] for r in mine],
+        }
+        values = {
+            "cv": [r["orthogonality"]["run"]["cv"] if r["orthogonality"] else None for r in mine],
+            **{k: [r["orthogonality"]["run"][k] if r["orthogonality"] else None for r in mine] for k in ALTERNATIVES},
+            "gradient_bound": [r["gradient_bound"]["value"] for r in mine],
+            "val_loss": [r["loss"]["val_loss"] for r in mine],
+            "train_loss": [r["loss"]["train_loss"] for r in mine],
+            "v_median": [r["second_moment"]["pooled"]["quantiles"][0.5] if r["second_moment"] else None for r in mine],
+            "l11_estimate": [r["hessian"]["l11_estimate"] if r["hessian"] else None for r in mine],
+        }
+        for key, xs in values.items():
+            xs = [x for x in xs if x is not None and math.isfinite(x)]
+            row[key] = statistics.fmean(xs) if xs else None
+            row[f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else None
+        types: dict[str, list[float]] = {}
+        for r in mine:
+            for t, v in (r["orthogonality"] or {}).get("per_layer_type", {}).items():
+                types.setdefault(t, []).append(v["cv"])
+        row["cv_per_layer_type"] = {t: _mean(v) for t, v in types.items()}
+        scopes[f"{model} {scope}" if multi else scope] = row
+    return scopes
+
+
+def by_model(scopes: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{model: {scope: row}} from :func:`aggregate_scopes`' rows."""
+    out: dict[str, dict[str, dict]] = {}
+    for row in scopes.values():
+        out.setdefault(row["model"], {})[row["scope"]] = row
+    return out
+
+
+def _baseline(scopes: dict[str, dict]) -> str | None:
+    """none, else adamw, among one model's scopes (with a CV)."""
+    return next((b for b in BASELINE_SCOPES if b in scopes and scopes[b]["cv"] is not None), None)
+
+
+def all_orderings(scopes: dict[str, dict], tol: float) -> list[dict]:
+    """:func:`check_orderings` for each model's scopes; the sentences name the model when there are several."""
+    models = by_model(scopes)
+    out = []
+    for model, rows in models.items():
+        for o in check_orderings(rows, tol):
+            o["model"] = model
+            if len(models) > 1:
+                o["sentence"] = f"{model}: {o['sentence']}"
+            out.append(o)
+    return out
+
+
+def check_orderings(scopes: dict[str, dict], tol: float) -> list[dict]:
+    """SPEC 5's orderings of the mean CV over scopes (seed means): each with holds True / False, or None (with
+    the reason) when these runs cannot check it."""
+    cv = {s: r["cv"] for s, r in scopes.items() if r["cv"] is not None}
+    out = []
+
+    def add(claim: str, holds: bool | None, sentence: str) -> None:
+        out.append({"claim": claim, "holds": holds, "sentence": sentence})
+
+    fmt = ", ".join(f"{s} {v:.4f}" for s, v in sorted(cv.items(), key=lambda kv: kv[1]))
+    claim = "CV is lowest for svd"
+    if "svd" in cv and len(cv) > 1:
+        holds = min(cv, key=cv.get) == "svd"
+        add(claim, holds, f"{claim}: {'holds' if holds else 'does not hold'} here (mean CV {fmt}).")
+    else:
+        add(claim, None, f"{claim}: not checkable here (needs an svd run and another run with Adam moments).")
+    claim = "CV of output ≈ none"
+    base = "none" if "none" in cv else "adamw" if "adamw" in cv else None
+    if "output" in cv and base is not None:
+        rel = abs(cv["output"] - cv[base]) / abs(cv[base]) if cv[base] else math.inf
+        holds = rel <= tol
+        add(
+            claim,
+            holds,
+            f"{claim}: {'holds' if holds else 'does not hold'} here (output {cv['output']:.4f} vs {base} "
+            f"{cv[base]:.4f}, {100 * rel:.1f} % apart; tolerance {100 * tol:.0f} %).",
+        )
+    else:
+        add(claim, None, f"{claim}: not checkable here (needs an output run and a none or adamw run).")
+    claim = "CV is highest for global"
+    if "global" in cv and len(cv) > 1:
+        holds = max(cv, key=cv.get) == "global"
+        add(claim, holds, f"{claim}: {'holds' if holds else 'does not hold'} here (mean CV {fmt}).")
+    else:
+        add(claim, None, f"{claim}: not checkable here (needs a global run and another run with Adam moments).")
+    claim = "the CV ranking matches the loss ranking"
+    both = {s: (cv[s], scopes[s]["val_loss"]) for s in cv if scopes[s]["val_loss"] is not None}
+    if len(both) >= 3:
+        by_cv = sorted(both, key=lambda s: both[s][0])
+        by_loss = sorted(both, key=lambda s: both[s][1])
+        holds = by_cv == by_loss
+        add(
+            claim,
+            holds,
+            f"{claim}: {'holds' if holds else 'does not hold'} here (by CV: {' < '.join(by_cv)}; by final val "
+            f"loss: {' < '.join(by_loss)}).",
+        )
+    else:
+        add(claim, None, f"{claim}: not checkable here (needs three or more scopes with a CV and a loss).")
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, spec: str = ".4f") -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _pm(row: dict, key: str, spec: str = ".4f") -> str:
+    if row[key] is None:
+        return "—"
+    std = row.get(f"{key}_std")
+    return format(row[key], spec) + ("" if std is None else f" ± {format(std, spec)}")
+
+
+def summary_md(a: dict) -> str:
+    runs, scopes = a["runs"], a["scopes"]
+    lines = ["# Analysis", ""]
+    lines += [
+        "## Runs",
+        "",
+        "| run | optimizer | step | val loss | train loss | mean CV | median CV | scaled dev. | CV(AAᵀ) | "
+        "scaled AAᵀ | SVD entropy | grad bound C~ | median v | v q0.01 | v q0.99 |",
+        "|" + "---|" * 15,
+    ]
+    for r in runs:
+        o = (r["orthogonality"] or {}).get("run", {})
+        q = r["second_moment"]["pooled"]["quantiles"] if r["second_moment"] else {}
+        lines.append(
+            f"| {r['label']} | {r['optimizer']} | {r['step']} | {_f(r['loss']['val_loss'])} | "
+            f"{_f(r['loss']['train_loss'])} | {_f(o.get('cv'))} | {_f(o.get('cv_median'))} | "
+            f"{_f(o.get('scaled_deviation'))} | {_f(o.get('cv_gram'))} | {_f(o.get('scaled_gram'))} | "
+            f"{_f(o.get('svd_entropy'))} | {_f(r['gradient_bound']['value'], '.4g')} | {_f(q.get(0.5), '.3g')} | "
+            f"{_f(q.get(0.01), '.3g')} | {_f(q.get(0.99), '.3g')} |"
+        )
+    lines += [
+        "",
+        f"CV = std / mean of the singular values of A = Rᵀ m / (√v + ε) (raw moments; "
+        f"{'sample' if a['config']['unbiased'] else 'population'} std), averaged over the linear matrices "
+        "(q/k/v split, embeddings excluded); the C.4 alternatives likewise (SVD entropy: 1 = orthogonal). "
+        f"Gradient bound: max over {a['config']['batches']} minibatches of ‖R g‖∞ (Alg 1). v: raw exp_avg_sq "
+        "pooled over all parameters, in the optimizer's basis.",
+    ]
+    types = list(dict.fromkeys(t for r in runs for t in ((r["orthogonality"] or {}).get("per_layer_type", {}))))
+    if types:
+        lines += ["", "## CV per layer type (mean over depth)", "", "| run | " + " | ".join(types) + " |"]
+        lines.append("|" + "---|" * (len(types) + 1))
+        for r in runs:
+            per = (r["orthogonality"] or {}).get("per_layer_type", {})
+            lines.append(f"| {r['label']} | " + " | ".join(_f(per.get(t, {}).get("cv")) for t in types) + " |")
+    if any(s["n"] > 1 for s in scopes.values()) or len(scopes) > 1:
+        lines += [
+            "",
+            "## Per scope (mean ± sample std over seeds)",
+            "",
+            "| scope | n | mean CV | grad bound C~ | val loss | median v |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, s in scopes.items():
+            lines.append(
+                f"| {name} | {s['n']} | {_pm(s, 'cv')} | {_pm(s, 'gradient_bound', '.4g')} | {_pm(s, 'val_loss')} | "
+                f"{_pm(s, 'v_median', '.3g')} |"
+            )
+    hess = [r for r in runs if r["hessian"]]
+    if hess:
+        lines += [
+            "",
+            "## Hessian rows (rotated loss, optimizer layout)",
+            "",
+            "| run | rows | minibatches | ‖H‖₁,₁/d estimate | update dw: neuron | layer | other | random dw: neuron | "
+            "layer | other |",
+            "|" + "---|" * 10,
+        ]
+        for r in hess:
+            h = r["hessian"]
+            u, d = h["mean_partition"]["update_dw"], h["mean_partition"]["random_dw"]
+            lines.append(
+                f"| {r['label']} | {len(h['ids'])} | {h['hvp_batches']} | {_f(h['l11_estimate'], '.4g')} | "
+                + " | ".join(_f(x[k], ".3e") for x in (u, d) for k in ("neuron", "layer", "other"))
+                + " |"
+            )
+        lines += [
+            "",
+            "Row i's r_i · dw split into I_N (same output neuron), I_L (rest of the layer) and I_¬L (other layers), "
+            "averaged over the rows; update dw = one more training step from the checkpoint, random dw = a random "
+            "unit vector.",
+        ]
+    lines += ["", "## Orderings of the paper (SPEC 5)", ""]
+    lines += [f"- {o['sentence']}" for o in a["orderings"]]
+    notes = [f"- {r['label']}: {n}" for r in runs for n in r["notes"]]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(a: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; no figures (pip install matplotlib)")
+        return []
+    runs = [r for r in a["runs"] if r["orthogonality"]]
+    model = ", ".join(dict.fromkeys(r["model"] for r in a["runs"]))
+    written = []
+    if runs:
+        types = list(dict.fromkeys(t for r in runs for t in r["orthogonality"]["per_layer_type"]))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(types) * max(len(runs), 2) / 2 + 2), 4.5))
+        width = 0.8 / len(runs)
+        for k, r in enumerate(runs):
+            per = r["orthogonality"]["per_layer_type"]
+            xs = [i - 0.4 + width * (k + 0.5) for i in range(len(types))]
+            ys = [per[t]["cv"] if t in per and per[t]["cv"] is not None else math.nan for t in types]
+            ax.bar(xs, ys, width, label=r["label"])
+        ax.set_xticks(range(len(types)), types, rotation=30 if max(map(len, types)) > 4 else 0, ha="right")
+        ax.set(xlabel="layer type", ylabel="CV of singular values of A (mean over depth)")
+        ax.set_title(f"{model}: update orthogonality per layer type (lower = closer to orthogonal)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        written.append(_save(fig, out / "cv_by_layer.png", plt))
+    vruns = [r for r in a["runs"] if r["second_moment"]]
+    if vruns:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        used = []
+        for r in vruns:
+            sm = r["second_moment"]
+            edges = [10.0**e for e in sm["edges"]]
+            counts = sm["pooled"]["counts"]
+            total = max(sum(counts), 1)
+            ax.stairs([c / total for c in counts], edges, label=r["label"], lw=1.5)
+            used += [i for i, c in enumerate(counts) if c]
+        ax.set_xscale("log")
+        if used:  # zoom on the occupied bins
+            ax.set_xlim(edges[max(min(used) - 1, 0)], edges[min(max(used) + 2, len(edges) - 1)])
+        ax.set(xlabel="v (raw exp_avg_sq, optimizer basis)", ylabel="fraction of entries per bin")
+        ax.set_title(f"{model}: distribution of Adam's second moment v at the checkpoint")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(_save(fig, out / "v_hist.png", plt))
+    points = a["delta_points"]
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for p in points:
+            ax.scatter(p["delta_cv"], p["delta_loss"])
+            xy = (p["delta_cv"], p["delta_loss"])
+            ax.annotate(p["label"], xy, fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.axvline(0, color="gray", lw=0.5)
+        loss = " / ".join(dict.fromkeys(p["loss_kind"] for p in points))
+        base = " / ".join(dict.fromkeys(p["baseline"] for p in points))
+        ax.set(xlabel=f"Δ mean CV (run − '{base}')", ylabel=f"Δ final {loss} (run − '{base}')")
+        ax.set_title(f"{model}: Δ{loss} vs ΔCV relative to '{base}' (paper Fig. 11)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(_save(fig, out / "delta_loss_vs_delta_cv.png", plt))
+    return written
+
+
+def delta_points(a: dict) -> list[dict]:
+    """Fig. 11's points: each non-baseline run against the baseline run of its model and seed (else the mean of
+    its model's baseline runs); the loss is the final val loss (train loss where some run lacks one)."""
+    points = []
+    for model, base in a["baselines"].items():
+        runs = [r for r in a["runs"] if r["orthogonality"] and r["model"] == model]
+        if base is None or len(runs) < 2:
+            continue
+        kind = "val_loss" if all(r["loss"]["val_loss"] is not None for r in runs) else "train_loss"
+        if any(r["loss"][kind] is None for r in runs):
+            continue
+        bases = {r["seed"]: r for r in runs if r["scope"] == base}
+        mean_cv = _mean(r["orthogonality"]["run"]["cv"] for r in bases.values())
+        mean_loss = _mean(r["loss"][kind] for r in bases.values())
+        for r in runs:
+            if r["scope"] == base:
+                continue
+            b = bases.get(r["seed"])
+            ref_cv, ref_loss = (b["orthogonality"]["run"]["cv"], b["loss"][kind]) if b else (mean_cv, mean_loss)
+            points.append(
+                {
+                    "model": model,
+                    "label": r["label"],
+                    "baseline": base,
+                    "delta_cv": r["orthogonality"]["run"]["cv"] - ref_cv,
+                    "delta_loss": r["loss"][kind] - ref_loss,
+                    "loss_kind": kind.replace("_", " "),
+                    "against": b["label"] if b else f"{base} mean",
+                }
+            )
+    return points
+
+
+def _save(fig, path: Path, plt) -> str:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
