@@ -16,12 +16,18 @@ $(BIN)/.installed: pyproject.toml setup.py
 	ROTKERN_SKIP_CUDA_BUILD=1 $(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# The main job: the paper's Figure 1 in miniature (gpt-tiny on the embedded stdlib text, every scope), then
-# fused-vs-eager validation. On a machine without CUDA the fused side runs its Triton kernels through the
+# The main job: the paper's Figure 1 in miniature (gpt-tiny on the embedded stdlib text, every scope, 3 seeds; on a
+# CPU the fused optimizer runs the compiled extension when `make ext` succeeds, else the eager reference), the
+# paper's analyses of those runs, then fused-vs-eager validation. On a machine without CUDA the fused side runs its Triton kernels through the
 # interpreter (slow, so fewer steps); with CUDA, on the GPU. Each run gets a new folder: nothing is overwritten.
-RUN_DIR ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
+# Expanded once (a recursive ?= would call date again in every recipe line and split the run across folders).
+ifndef RUN_DIR
+RUN_DIR := runs/main-$(shell date +%Y%m%d-%H%M%S)
+endif
 run: $(BIN)/.installed
-	$(BIN)/python -m rotkern.trainers compare --preset=tiny --out_dir=$(RUN_DIR)
+	-$(MAKE) --no-print-directory ext  # the compiled CPU step where a C++ compiler is present; eager without it
+	$(BIN)/python -m rotkern.trainers compare --preset=tiny --seeds=3 --optimizer=rotated-fused --out_dir=$(RUN_DIR)
+	$(BIN)/python -m rotkern.trainers analyze $(RUN_DIR) --batches=10 --out_dir=$(RUN_DIR)/analysis
 	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(BIN)/python -m rotkern.trainers validate --preset=tiny --steps=20 --backend=triton --out_dir=$(RUN_DIR)/validate; \
 	else \

@@ -169,6 +169,7 @@ def test_two_seeds_give_two_runs_per_entry_and_mean_std(tmp_path):
     table = (out / "summary.md").read_text()
     assert "| global | 2 |" in table and " ± " in table and "Differences from 'none'" in table
     assert f"- global: val loss {verdict['diff']:+.4f}" in table
+    assert "Optimizer steps ran on: eager (rotkern.kernels.reference.rotated_adamw_ref)" in table
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 6 and summary["rows"] == res["rows"]
 

@@ -221,6 +221,7 @@ def read_log(path: Path, stop: int, eval_every: int) -> dict:
         "curve": [losses[i] for i in sorted(losses)],
         "evals": [evals[i] for i in sorted(evals)],
         "finished": finished,
+        "backend": (final or {}).get("backend"),  # what ran the optimizer steps (train's final record)
     }
 
 
@@ -410,6 +411,11 @@ def compare(cfg: CompareConfig) -> dict:
     }
     curves = {s: _mean_curve([runs[s, seed]["curve"] for seed in seeds])[0] for s in scopes}
     table = _table(rows, target, cfg, seeds)
+    # Say what ran the steps: on a CPU the fused optimizer runs the compiled extension when it is built, else the
+    # eager reference (and the two are checked against each other by validate).
+    backends = sorted({str(runs[k].get("backend")) for k in runs if runs[k].get("backend")})
+    if backends:
+        table += "\n\nOptimizer steps ran on: " + "; ".join(backends) + "."
     print(table)
     (out / "summary.md").write_text(table + "\n")
     result = {
