@@ -1,5 +1,7 @@
 """Bad input gives one `error: ...` line and exit status 2, and overwrites nothing."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,37 @@ def test_bad_options(capsys):
 
 def test_quadratic_still_runs(tmp_path):
     assert main(["quadratic", "--steps=5", "--dim=4", "--plot=false", f"--out_dir={tmp_path}"]) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "validate", "quadratic", "analyze"])
+def test_every_option_explains_itself(command, capsys):
+    """Each option's --help text comes from its dataclass field's comment, with the default after it."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    options = re.findall(r"^  (--\w+) \w+", out, flags=re.M)
+    assert len(options) > 5
+    bare = re.findall(r"^  (--\w+) \w+ +default", out, flags=re.M)
+    assert bare == [], f"options without a description: {bare}"
+
+
+def test_field_comments_read_the_source():
+    from rotkern.trainers.common import field_comments
+    from rotkern.trainers.compare import CompareConfig
+
+    text = field_comments(CompareConfig)
+    assert text["block_size"].startswith("Haar block size n")  # inherited from TrainConfig
+    assert "rotation scopes" in text["scopes"] and "muon" in text["optimizer"]  # own field; comment lines above
+
+
+def test_resume_takes_a_run_folder(tmp_path):
+    import dataclasses
+
+    from rotkern.trainers.train import train
+
+    from ._trainer_helpers import fast_config
+
+    cfg = fast_config(tmp_path / "r", steps=6, stop_step=3)
+    first = train(cfg)
+    resumed = train(dataclasses.replace(cfg, stop_step=0, resume=str(tmp_path / "r")))
+    assert resumed["records"][0]["step"] == 4 and resumed["checkpoint"] == first["checkpoint"]

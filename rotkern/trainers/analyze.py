@@ -97,7 +97,7 @@ class AnalyzeConfig:
     unbiased: bool = False  # CV with the sample std (n - 1) instead of the population std (the paper does not say)
     bins: int = 96  # histogram bins of log10 v
     v_log10_min: float = -24.0  # histogram range of log10 v
-    v_log10_max: float = 0.0
+    v_log10_max: float = 0.0  # upper end of that range
     approx_tol: float = 0.1  # "output ~ none" holds when their mean CVs differ by at most this fraction of none's
     data: str = ""  # "" = each checkpoint's own data (its saved --data; embedded when that was "")
     device: str = "auto"  # auto | cpu | cuda | cuda:N

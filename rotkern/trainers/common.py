@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
+import inspect
+import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import textwrap
+import tokenize
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +46,58 @@ def field_types(cfg_cls) -> dict[str, type]:
 def add_config_args(parser: argparse.ArgumentParser, cfg_cls, *, suppress: bool = False) -> None:
     """One ``--name`` option per dataclass field, typed like the field (nanoGPT's configurator, with argparse).
 
+    Each option's help is the field's comment in the config's source (the ``# ...`` after it, or the comment
+    lines right above it), then its default: the dataclass is the one place an option is described.
     With ``suppress``, options left out do not appear in the namespace, so presets can fill them.
     """
+    comments = field_comments(cfg_cls)
     for f in dataclasses.fields(cfg_cls):
         kind = field_types(cfg_cls)[f.name]
         default = argparse.SUPPRESS if suppress else f.default
+        text = comments.get(f.name, "")
         parser.add_argument(
             f"--{f.name}",
             type=_parse_bool if kind is bool else kind,
             default=default,
             metavar=kind.__name__.upper(),
-            help=f"default {f.default!r}",
+            help=f"{text} (default {f.default!r})" if text else f"default {f.default!r}",
         )
+
+
+@functools.cache
+def field_comments(cfg_cls) -> dict[str, str]:
+    """Field name -> its comment in the source of the dataclass (and of its dataclass bases), '%' escaped for
+    argparse. A field's own class wins over a base's."""
+    out: dict[str, str] = {}
+    for klass in reversed(cfg_cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (frozen apps): options keep their defaults only
+            continue
+        comments: dict[int, str] = {}
+        code_lines: set[int] = set()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                code_lines.add(tok.start[0])
+        names = {f.name for f in dataclasses.fields(klass)}
+        for no, line in enumerate(source.splitlines(), start=1):
+            m = re.match(r"\s+(\w+)\s*:", line)
+            if not m or m.group(1) not in names or no not in code_lines:
+                continue
+            text = comments.get(no, "")
+            if not text:  # comment lines right above the field
+                above, k = [], no - 1
+                while k in comments and k not in code_lines and not comments[k].startswith("---"):  # a section
+                    above.insert(0, comments[k])
+                    k -= 1
+                text = " ".join(above)
+            if text:
+                out[m.group(1)] = text.replace("%", "%%")
+    return out
 
 
 def config_from_args(cfg_cls, args: argparse.Namespace, presets: dict[str, dict] | None = None):

@@ -23,13 +23,13 @@ from ..rotations import haar_orthogonal
 class QuadraticConfig:
     dim: int = 64  # dimension of the loss-table problem
     condition: float = 1000.0  # lambda_max / lambda_min, log-spaced spectrum
-    steps: int = 300
-    adam_lr: float = 0.05
+    steps: int = 300  # optimizer steps per run
+    adam_lr: float = 0.05  # learning rate of Adam and rotated Adam
     sgdm_lr: float = 1.0e-3  # ~ 1 / lambda_max
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD-M's momentum
     seed: int = 0  # seeds the problem and the optimizer rotation
-    out_dir: str = "runs/quadratic"
-    plot: bool = True
+    out_dir: str = "runs/quadratic"  # where the table and the trajectory plot go
+    plot: bool = True  # write trajectories.png (needs matplotlib)
 
 
 def _problem(dim: int, condition: float, rotate: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,10 +149,12 @@ def _plot(cfg: QuadraticConfig) -> str:
             _, path = run_one(name, h, xs, x0, small)
             ax.plot(path[:, 0].numpy(), path[:, 1].numpy(), ".-", ms=3, lw=1, color=color, label=name)
         ax.plot([xs[0].item()], [xs[1].item()], "k*", ms=10)
-        ax.set_title("rotated H" if rotate else "axis-aligned H")
+        ax.set_title(("rotated H: " if rotate else "axis-aligned H: ") + "the 2-D problem's two coordinates")
+        ax.set_xlabel("x[0] (standard basis)")
+        ax.set_ylabel("x[1] (standard basis)")
         ax.set_aspect("equal")
     axes[0].legend(loc="best")
-    fig.suptitle("Adam depends on the basis; SGD-M does not")
+    fig.suptitle("Iterates on loss contours (star: the minimum): Adam depends on the basis; SGD-M does not")
     path = os.path.join(cfg.out_dir, "trajectories.png")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -79,11 +79,11 @@ class TrainConfig:
     backend: str = "auto"  # rotated-fused backend (see rotkern._backend)
     lr: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # cosine floor
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up, in optimizer steps
     decay_steps: int = 0  # cosine length, warm-up included; 0 = steps
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # Adam's first-moment coefficient
+    beta2: float = 0.95  # Adam's second-moment coefficient
+    eps: float = 1e-8  # Adam's epsilon, added to sqrt(v_hat)
     weight_decay: float = 0.1  # on >= 2-D tensors only (nanoGPT)
     momentum: float = 0.9  # sgdm, rotated-sgdm, muon (muon uses 0.95 when this is left at 0.9)
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
@@ -92,7 +92,7 @@ class TrainConfig:
     switch_to: str = ""  # adamw (from a rotated run) | a scope: adamw becomes rotated-eager, rotated-* keep their class
     switch_state: str = "convert"  # convert: Adam's moments and step carried over (rotkern.from/to_adamw_state) | reset
     # --- run
-    steps: int = 200
+    steps: int = 200  # optimizer steps (the schedule spans them)
     stop_step: int = 0  # stop after this step (0 = steps); the schedule still spans `steps`; resume later
     batch_size: int = 16  # micro-batch per process
     grad_accum: int = 1  # micro-batches per step over all processes (nanoGPT's); a multiple of the world size
@@ -105,8 +105,8 @@ class TrainConfig:
     print_every: int = 20  # console progress; 0 = quiet
     save_every: int = 0  # checkpoint every N steps (0 = at the end only)
     save: bool = True  # write a checkpoint at the end
-    out_dir: str = "runs/train"
-    resume: str = ""  # checkpoint to continue from; later saves replace it
+    out_dir: str = "runs/train"  # folder for log.jsonl and ckpt.pt; an existing run there is never overwritten
+    resume: str = ""  # checkpoint (or run folder holding ckpt.pt) to continue from; later saves replace it
 
 
 # Each preset is a set of overrides on top of the defaults (the defaults are the CPU `tiny` run).
@@ -593,7 +593,12 @@ def checkpoint_state(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, ste
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint file, or the ``ckpt.pt`` of a run folder (what ``--resume`` and analyze accept)."""
     p = Path(path)
+    if p.is_dir():
+        if not (p / "ckpt.pt").is_file():
+            raise TrainerError(f"run folder {path!r} holds no ckpt.pt (give the checkpoint file, or the run's out_dir)")
+        p = p / "ckpt.pt"
     if not p.is_file():
         raise TrainerError(f"checkpoint {path!r} does not exist")
     try:
@@ -682,7 +687,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
     main = rank == 0
     # out_dir="" writes nothing (no log, no checkpoint) unless resuming, which saves over the resumed file.
     log_path = Path(cfg.out_dir) / "log.jsonl" if cfg.out_dir else None
-    ckpt_path = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / "ckpt.pt" if cfg.out_dir else None
+    resume = Path(cfg.resume) / "ckpt.pt" if cfg.resume and Path(cfg.resume).is_dir() else Path(cfg.resume)
+    ckpt_path = resume if cfg.resume else Path(cfg.out_dir) / "ckpt.pt" if cfg.out_dir else None
     save = cfg.save and ckpt_path is not None
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is None and save and ckpt_path.exists():
