@@ -163,20 +163,10 @@ def layer_type(name: str) -> str:
 
 
 def progress(items: Iterable, total: int, desc: str) -> Iterator:
-    """tqdm when importable and stdout is a TTY, else a one-line counter on a TTY, else nothing."""
-    if not sys.stdout.isatty():
-        yield from items
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        t0 = time.perf_counter()
-        for i, x in enumerate(items, 1):
-            yield x
-            print(f"\r  {desc}: {i}/{total} ({time.perf_counter() - t0:.1f} s)", end="", flush=True)
-        print()
-        return
-    yield from tqdm(items, total=total, desc=f"  {desc}", leave=False)
+    """A tqdm progress bar on a TTY; nothing when stdout is not one (logs, CI)."""
+    from tqdm import tqdm
+
+    yield from tqdm(items, total=total, desc=f"  {desc}", leave=False, disable=not sys.stdout.isatty())
 
 
 # -- rebuilding a run ------------------------------------------------------------------------------------
