@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     run = _timer(device)
+    load_before = os.getloadavg()[0]
     rows = []
     for d in map(int, args.sizes.split(",")):
         for n in map(int, args.blocks.split(",")):
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "command": "python benchmarks/bench_hadamard.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds,
+        "load1_before": load_before,
+        "load1_after": os.getloadavg()[0],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{meta['command'].strip()}` ({meta['date']}); {meta['device']}, torch {meta['torch']}"
         + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
-        + f". Medians of {args.rounds} interleaved rounds after a warm-up.",
+        + f". Medians of {args.rounds} interleaved rounds after a warm-up; 1-minute load {meta['load1_before']:.2f}"
+        f" before, {meta['load1_after']:.2f} after.",
         "",
         "| d | n | scope | Haar (ms) | Hadamard (ms) | Haar / Hadamard |",
         "|---|---|---|---|---|---|",
