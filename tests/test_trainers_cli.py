@@ -87,6 +87,29 @@ def test_every_option_explains_itself(command, capsys):
     assert bare == [], f"options without a description: {bare}"
 
 
+@pytest.mark.parametrize(
+    ("command", "absent", "present"),
+    [
+        ("train", [], ["--rotation", "--optimizer", "--switch_at", "--resume"]),
+        ("compare", ["--rotation", "--switch_at", "--switch_to", "--resume"], ["--scopes", "--seeds", "--optimizer"]),
+        (
+            "validate",
+            ["--rotation", "--optimizer", "--svd_every", "--resume", "--eval_every"],
+            ["--scopes", "--backend"],
+        ),
+    ],
+)
+def test_options_that_do_not_apply_are_not_shown(command, absent, present, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = set(re.findall(r"^  (--\w+)", capsys.readouterr().out, flags=re.M))
+    assert not shown & set(absent) and set(present) <= shown
+    if absent:
+        with pytest.raises(SystemExit) as exc:
+            main([command, f"{absent[0]}=x"])
+        assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_field_comments_read_the_source():
     from rotkern.trainers.common import field_comments
     from rotkern.trainers.compare import CompareConfig

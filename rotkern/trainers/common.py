@@ -48,10 +48,15 @@ def add_config_args(parser: argparse.ArgumentParser, cfg_cls, *, suppress: bool 
 
     Each option's help is the field's comment in the config's source (the ``# ...`` after it, or the comment
     lines right above it), then its default: the dataclass is the one place an option is described.
-    With ``suppress``, options left out do not appear in the namespace, so presets can fill them.
+    With ``suppress``, options left out do not appear in the namespace, so presets can fill them. Fields named
+    in the class's ``HIDDEN_OPTIONS`` (inherited settings the command does not use) get no option: they keep
+    their defaults, and argparse refuses them as unrecognized arguments.
     """
     comments = field_comments(cfg_cls)
+    hidden = getattr(cfg_cls, "HIDDEN_OPTIONS", frozenset())
     for f in dataclasses.fields(cfg_cls):
+        if f.name in hidden:
+            continue
         kind = field_types(cfg_cls)[f.name]
         default = argparse.SUPPRESS if suppress else f.default
         text = comments.get(f.name, "")

@@ -39,7 +39,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..scopes import ALL_SCOPES
 from .common import TrainerError, ema
@@ -74,6 +74,11 @@ JUDGED = (("final_val_loss", "val loss", ".4f"), ("smoothed_train_loss", "EMA tr
 
 @dataclass
 class CompareConfig(TrainConfig):
+    # TrainConfig settings compare sets itself per run (rotation from --scopes) or refuses (switching, --resume:
+    # compare resumes from its out_dir): no option for them
+    HIDDEN_OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"rotation", "switch_at", "switch_to", "switch_state", "resume"}
+    )
     # comma-separated runs: rotation scopes (rotated AdamW, --optimizer) or baseline optimizers (adamw, muon, soap,
     # sgdm), one run each
     scopes: str = "none,output,input,layer,global"

@@ -19,6 +19,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,13 @@ from .train import TrainConfig, make_optimizer, make_setup, optimizer_backend, t
 
 @dataclass
 class ValidateConfig(TrainConfig):
+    # TrainConfig settings validate does not use: it steps the eager and the fused optimizer itself (scopes from
+    # --scopes, no dynamic bases, no evaluation, no checkpoints)
+    HIDDEN_OPTIONS: ClassVar[frozenset[str]] = frozenset({
+        "optimizer", "rotation", "svd_every", "precondition_every", "shampoo_beta", "max_precond_dim", "basis_change",
+        "momentum", "switch_at", "switch_to", "switch_state", "stop_step", "eval_every", "eval_batches", "save_every",
+        "save", "resume",
+    })  # fmt: skip
     scopes: str = "none,global,layer,output,input"  # comma-separated scopes to validate
     steps: int = 10
     warmup_steps: int = 2
