@@ -375,6 +375,23 @@ class SvdRotation(DynamicRotation):
                 bases[key] = eye
         return bases
 
+    def dense_sides(self, b: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """L (k, k) and R (w, w) of this piece's bases ``b`` as dense orthogonal matrices, for a kernel that takes
+        dense bases: a square side as stored, a side kept as Householder reflectors formed by
+        ``torch.linalg.householder_product`` (O(n^2 r) time, n^2 memory), its first r columns' signs fixed as in
+        :meth:`_left`. Same dtype and device as ``b``."""
+        sides = []
+        for key, implicit in (("svd_u", self.left_implicit), ("svd_v", self.right_implicit)):
+            if not implicit:
+                sides.append(b[key])
+                continue
+            a, tau, r = b[key], b[key + "_tau"], self.rank
+            n = a.shape[0]
+            q = torch.linalg.householder_product(torch.cat([a, a.new_zeros(n, n - r)], 1), tau)
+            q[:, :r] *= _reflector_signs(a, r)
+            sides.append(q)
+        return sides[0], sides[1]
+
     def _left(self, x: torch.Tensor, b: Mapping, transpose: bool) -> torch.Tensor:
         if not self.left_implicit:
             u = b["svd_u"]

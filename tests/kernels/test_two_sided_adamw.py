@@ -271,16 +271,15 @@ def test_twin_is_the_reference_on_square_svd_units(change, maximize):
     [
         ("eigen", dict(precondition_every=3)),
         ("eigen", dict(precondition_every=2, amsgrad=True, maximize=True, basis_change="reset")),
-        # svd units with square sides: on the kernel only when fused._FUSED_SVD is set (see there); no recompute
-        # after the first step here, where an fp32 rounding difference is amplified by the SVD.
+        # svd: the gradients are random, not the params', so both optimizers see the same ones and recomputes
+        # (every 3 steps; the non-square sides' dense forms are rebuilt from their new reflectors) stay comparable.
         ("svd", dict(svd_every=100, amsgrad=True)),
+        ("svd", dict(svd_every=3, basis_change="transport")),
     ],
 )
-def test_fused_optimizer_runs_dynamic_units_through_the_kernel(scope, extra, monkeypatch):
+def test_fused_optimizer_runs_dynamic_units_through_the_kernel(scope, extra):
     from rotkern import FusedRotatedAdamW, RotatedAdamW
-    from rotkern.optim import fused as fused_module
 
-    monkeypatch.setattr(fused_module, "_FUSED_SVD", True)
     shapes, roles = [(6, 6), (5, 7), (9, 3), (8,)], ["matrix", "matrix", "qkv", "vector"]
     torch.manual_seed(9)
     params = [torch.randn(s, device=DEVICE) for s in shapes]
@@ -297,12 +296,56 @@ def test_fused_optimizer_runs_dynamic_units_through_the_kernel(scope, extra, mon
         fused.step()
         eager.step()
     # eigen: every matrix unit on the kernel from step 2 (step 1 only builds the bases): 5 pieces x 5 steps.
-    # svd: the square units, (6, 6) and the three (3, 3) qkv pieces, every step.
-    want = 5 * 5 if scope == "eigen" else 4 * 6
+    # svd: every matrix unit, every step ((5, 7)'s right side formed densely from its reflectors).
+    want = 5 * 5 if scope == "eigen" else 5 * 6
     assert fused.two_sided_steps == want
-    assert fused.backend_used == ("triton" if scope == "eigen" else "eager")  # svd: (5, 7) runs eagerly
+    assert fused.backend_used == "triton"
     for i, (p, r) in enumerate(zip(params, ref, strict=True)):
         assert_close_to_ref(p, r, "fused_fp32", what=f"{scope} param {i}")
         for key, val in eager.state[r].items():
             if torch.is_tensor(val) and val.is_floating_point():
                 assert_close_to_ref(fused.state[p][key], val, "fused_fp32", what=f"{scope} param {i}: {key}")
+
+
+def test_svd_sides_longer_than_the_dense_limit_run_eagerly(monkeypatch):
+    from rotkern import FusedRotatedAdamW, RotatedAdamW
+    from rotkern.optim import fused as fused_module
+
+    monkeypatch.setattr(fused_module, "SVD_DENSE_SIDE_MAX", 6)
+    torch.manual_seed(3)
+    params = [torch.randn(s, device=DEVICE) for s in [(6, 6), (5, 7)]]
+    ref = [p.clone() for p in params]
+    kw = dict(lr=3e-3, rotation="svd", svd_every=2)
+    fused = FusedRotatedAdamW(params, backend="triton", precision="ieee", **kw)
+    eager = RotatedAdamW(ref, **kw)
+    for _ in range(4):
+        for p, r in zip(params, ref, strict=True):
+            p.grad = torch.randn(p.shape, device=DEVICE)
+            r.grad = p.grad.clone()
+        fused.step()
+        eager.step()
+    assert fused.two_sided_steps == 4 and fused.backend_used == "eager"  # (5, 7): its 7-long side is eager
+    for i, (p, r) in enumerate(zip(params, ref, strict=True)):
+        assert_close_to_ref(p, r, "fused_fp32", what=f"param {i}")
+
+
+def test_dense_svd_side_cache_follows_recomputes_and_loads():
+    from rotkern import FusedRotatedAdamW
+
+    torch.manual_seed(4)
+    w = torch.randn(5, 9, device=DEVICE)
+    opt = FusedRotatedAdamW([w], backend="triton", precision="ieee", rotation="svd", svd_every=2)
+    sides = []
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        (entry,) = opt._svd_dense_cache.values()
+        sides.append(entry[2][1])
+    assert sides[0] is sides[1] and sides[2] is not sides[1]  # formed at steps 1 and 3 (recomputes), reused at 2
+    r = sides[2]
+    assert torch.allclose(r.T @ r, torch.eye(9, device=DEVICE), atol=1e-5)
+    opt.load_state_dict(opt.state_dict())  # new state tensors: the next step forms the side again
+    w.grad = torch.randn_like(w)
+    opt.step()
+    (entry,) = opt._svd_dense_cache.values()
+    assert entry[2][1] is not r and torch.equal(entry[2][1], r)  # same reflectors (no recompute at step 4)

@@ -386,15 +386,20 @@ def test_matches_dense_oracle(model_cls):
 
 
 # %% FusedRotatedAdamW ----------------------------------------------------------------------------------
-def _fused_pair(backend):
-    torch.manual_seed(0)
+def _init_of(seed):
+    torch.manual_seed(seed)
+    return TinyBlock().state_dict()
+
+
+def _fused_pair(backend, seed=0, steps=5):
+    torch.manual_seed(seed)
     m_ref = TinyBlock()
     m_fused = copy.deepcopy(m_ref)
     kw = dict(lr=1e-2, rotation="svd", svd_every=2)
     ref = RotatedAdamW(param_groups_for(m_ref, weight_decay=0.1), **kw)
     fused = FusedRotatedAdamW(param_groups_for(m_fused, weight_decay=0.1), backend=backend, **kw)
-    gen = torch.Generator().manual_seed(0)
-    batches = [batch_for(m_ref, gen) for _ in range(5)]
+    gen = torch.Generator().manual_seed(seed)
+    batches = [batch_for(m_ref, gen) for _ in range(steps)]
     _train(m_ref, ref, batches)
     _train(m_fused, fused, batches)
     return m_ref, ref, m_fused, fused
@@ -410,22 +415,56 @@ def test_fused_eager_equals_rotated_adamw():
             assert torch.equal(fused.state[q][key].cpu(), val.cpu()), (n, key)
 
 
-def test_fused_runs_svd_only_groups_eagerly_whatever_the_backend():
+def test_fused_svd_only_groups_follow_the_backend():
     w = torch.randn(6, 4)
-    opt = FusedRotatedAdamW([w], rotation="svd", backend="triton")  # no Triton needed: svd units run eagerly
+    opt = FusedRotatedAdamW([w], rotation="svd")  # auto: the two-sided kernel where Triton runs, else eager
     w.grad = torch.randn_like(w)
     opt.step()
-    assert opt.backend_used == "eager" and float(opt.state[w]["step"]) == 1.0
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+    assert opt.backend_used == ("triton" if interpret else "eager") and float(opt.state[w]["step"]) == 1.0
+    w = torch.randn(6, 4)
+    opt = FusedRotatedAdamW([w], rotation="svd", backend="triton")
+    w.grad = torch.randn_like(w)
+    if interpret:
+        opt.step()
+        assert opt.backend_used == "triton" and opt.two_sided_steps == 1
+    else:  # an explicit backend that cannot run raises before anything changes
+        with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
+            opt.step()
+        assert not opt.state
 
 
 @pytest.mark.interpret
 @pytest.mark.skipif(
     not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"), reason="needs TRITON_INTERPRET=1"
 )
-def test_fused_triton_runs_the_vectors_and_matches():
-    """svd units eager, the LayerNorm weight through the Triton kernels (CPU, under the interpreter)."""
-    m_ref, ref, m_fused, fused = _fused_pair("triton")
-    assert fused.backend_used == "eager"
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_triton_matches_by_the_float64_rule(seed):
+    """Every matrix unit of a TinyBlock in the two-sided kernel (the q/k/v pieces and c_proj square; c_fc,
+    mlp.c_proj and the embedding with one side formed densely from its reflectors), the LayerNorm weight in the
+    one-sided kernels (CPU, under the interpreter), across 2 SVD recomputes.
+
+    An SVD recompute amplifies ulp differences in the params (ill-conditioned singular vectors: both fp32 runs end
+    ~0.2 (L2) from the float64 one), so the fused model is judged against a float64 run: L2 error over all params
+    <= 2x the eager fp32 optimizer's + floor (rotkern.testing). Measured over 12 seeds: 0.95-1.32x the eager
+    error. Per param the ratio is chaotic (one param of one seed in 12 reaches 4x while its model's is 0.99x).
+    """
+    m_ref, ref, m_fused, fused = _fused_pair("triton", seed)
+    m64 = TinyBlock()
+    m64.load_state_dict(_init_of(seed))
+    m64 = m64.double()
+    r64 = RotatedAdamW(param_groups_for(m64, weight_decay=0.1), lr=1e-2, rotation="svd", svd_every=2)
+    gen = torch.Generator().manual_seed(seed)
+    _train(m64, r64, [batch_for(m64, gen) for _ in range(5)])
+    assert fused.two_sided_steps == 7 * 5 and fused.backend_used == "triton"  # 7 matrix units, every step
+    flat = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in (m_fused, m_ref, m64)]
+    assert_close_to_ref(flat[0], flat[2], "fp32_floor", eager=flat[1], norm=True, what="all params")
+    assert all(float(fused.state[q]["step"]) == 5.0 for q in m_fused.parameters())
+    # Before the first recompute (the bases of step 1 come from the same gradient in both), the fixed fp32 rule.
+    m_ref, ref, m_fused, fused = _fused_pair("triton", seed, steps=2)
+    assert fused.two_sided_steps == 7 * 2
     for (n, p), q in zip(m_ref.named_parameters(), m_fused.parameters(), strict=True):
         assert_close_to_ref(q, p, "fused_fp32", what=n)
-        assert float(fused.state[q]["step"]) == 5.0
+        for key, val in ref.state[p].items():
+            if key != "step":
+                assert_close_to_ref(fused.state[q][key], val, "fused_fp32", what=f"{n} {key}")
