@@ -21,15 +21,26 @@ in use at the checkpoint's step, after a ``--switch_at``), both states are loade
    ``--hvp_batches`` minibatches (:func:`rotkern.metrics.hessian_rows`), at flat ids (optimizer layout, linear
    matrices only) drawn from ``--hessian_seed``; each row's l1 norm, the (1,1)-norm estimate and the
    neuron / layer / other split (:func:`rotkern.metrics.row_partition`) of ``r_i . dw`` for a random unit
-   direction dw and for the update dw = w_(t+1) - w_t of one more training step from the checkpoint.
+   direction dw and for the update dw = w_(t+1) - w_t of one more training step from the checkpoint;
+5. with ``--resume_steps N`` (the paper's protocol, SPEC 5: resume from the checkpoint and log the CV every
+   step): a fresh copy of the run (rebuilt from the checkpoint, as the optimizer it was trained with, so the
+   measurements above are untouched) trains N more steps, ``step .. step + N - 1`` of its own batch stream
+   (``train_step``: its lr schedule, clipping and gradient accumulation; past the schedule's end lr stays at
+   min_lr), and after each step the CV of item 1 is measured again: per step the training step, its loss and
+   lr, the mean CV over the matrices and the mean CV per layer type. The copy keeps the checkpoint's optimizer
+   even where the run itself switched (``--switch_at``) inside those N steps (a note says so).
 
 A torch AdamW run is measured through a RotatedAdamW with rotation ``none`` holding its moments (D = I, so the
-state carries over exactly); runs without Adam moments (sgdm, rotated-sgdm, muon) get the gradient bound only.
+state carries over exactly; in item 5 reloaded after every step); runs without Adam moments (sgdm,
+rotated-sgdm, muon) get the gradient bound (and the Hessian) only: no CV, no CV trajectory.
 
 Output in ``--out_dir`` (default ``analysis/`` in the first input's folder; an existing analysis.json there is
 never overwritten): analysis.json, summary.md (tables and a sentence per ordering of SPEC 5 that these runs can
-check), cv_by_layer.png, v_hist.png and, when a baseline (none or adamw) is among several runs,
-delta_loss_vs_delta_cv.png (paper Fig. 11).
+check; with ``--resume_steps``, per scope the CV at the first and last resumed step and its mean ± std over
+the N steps), cv_by_layer.png, v_hist.png, with ``--resume_steps`` cv_trajectory.png (mean CV against the
+training step, one line per run) and, when a baseline (none or adamw) is among several runs,
+delta_loss_vs_delta_cv.png (paper Fig. 11). analysis.json holds each run's ``cv_trajectory`` (a list of
+per-step records; null when off or when the run has no Adam moments).
 """
 
 from __future__ import annotations
@@ -102,6 +113,10 @@ class AnalyzeConfig:
     data: str = ""  # "" = each checkpoint's own data (its saved --data; embedded when that was "")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     plot: bool = True  # write the PNG figures (needs matplotlib)
+    # With N > 0: from each checkpoint, a copy of the run (its own optimizer, the next N batches of its own stream)
+    # trains N more optimizer steps and the update-orthogonality CV is logged after every step (the paper's
+    # protocol, SPEC 5); an integer >= 0, 0 = off. Runs without Adam moments (sgdm, muon) get no trajectory.
+    resume_steps: int = 0
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
@@ -242,11 +257,18 @@ def rebuild(path: Path, ckpt: dict, acfg: AnalyzeConfig, *, math_attention: bool
             rotation="none",
         )
         adam = isinstance(opt, torch.optim.AdamW)
-        if adam:
-            mopt.load_state_dict(from_adamw_state(mopt, opt))
     if not adam:
         notes.append(f"{optimizer_label(active)} keeps no Adam moments: gradient bound (and Hessian) only")
-    return Run(path, ckpt, cfg, active, s, model, opt, mopt, adam, step, notes)
+    run = Run(path, ckpt, cfg, active, s, model, opt, mopt, adam, step, notes)
+    load_proxy(run)
+    return run
+
+
+def load_proxy(run: Run) -> None:
+    """Copy a torch AdamW's moments into its rotation-none proxy ``run.mopt`` (after every step it takes); nothing
+    when the metrics read the optimizer itself or it keeps no Adam moments."""
+    if run.adam and run.mopt is not run.opt:
+        run.mopt.load_state_dict(from_adamw_state(run.mopt, run.opt))
 
 
 def _params(run: Run) -> list[torch.Tensor]:
@@ -297,15 +319,21 @@ def _mean(xs: Iterable[float]) -> float | None:
     return math.fsum(xs) / len(xs) if xs else None
 
 
-def orthogonality(run: Run, acfg: AnalyzeConfig) -> dict | None:
+def orthogonality(run: Run, acfg: AnalyzeConfig, *, alternatives: bool = True) -> dict | None:
+    """Item 1: the CV (and with ``alternatives`` the C.4 scores) per matrix, per layer type and per run; None for
+    a run without Adam moments. Without ``alternatives`` only the key cv (the same numbers, fewer to compute)."""
     if not run.adam:
         return None
-    per_matrix = M.update_cv(
-        run.mopt, run.model, unbiased=acfg.unbiased, metric=lambda a: M.orthogonality_metrics(a, unbiased=acfg.unbiased)
-    )
+    keys = ("cv", *ALTERNATIVES) if alternatives else ("cv",)
+
+    def metric(a: torch.Tensor) -> dict[str, float]:
+        if alternatives:
+            return M.orthogonality_metrics(a, unbiased=acfg.unbiased)
+        return {"cv": M.cv_singular_values(a, unbiased=acfg.unbiased)}
+
+    per_matrix = M.update_cv(run.mopt, run.model, unbiased=acfg.unbiased, metric=metric)
     if not per_matrix:
         return None
-    keys = ("cv", *ALTERNATIVES)
     types: dict[str, list[str]] = {}
     for name in per_matrix:
         types.setdefault(layer_type(name), []).append(name)
@@ -451,6 +479,51 @@ def hessian(run: Run, acfg: AnalyzeConfig, label: str) -> dict:
     }
 
 
+def cv_trajectory(run: Run, acfg: AnalyzeConfig) -> list[dict] | None:
+    """Item 5, the paper's protocol: ``resume_steps`` more training steps from the checkpoint on a fresh copy of
+    the run (``run`` itself is not touched), the CV after each. Per step: step (the training step just done, as in
+    train's log), loss (its training loss), lr, grad_norm (before clipping), cv (mean over the matrices),
+    cv_median and cv_per_layer_type. None when off or without Adam moments; notes go to ``run.notes``."""
+    n = acfg.resume_steps
+    if n < 1:
+        return None
+    if not run.adam:
+        run.notes.append("no CV trajectory (--resume_steps): the optimizer keeps no Adam moments")
+        return None
+    cfg = run.cfg
+    if cfg.switch_at and run.step <= cfg.switch_at < run.step + n:
+        run.notes.append(
+            f"the resumed steps keep {optimizer_label(run.active)}; the run itself switched to "
+            f"{optimizer_label(optimizer_after(cfg, cfg.switch_at + 1))} after step {cfg.switch_at}"
+        )
+    if run.step + n > (cfg.decay_steps or cfg.steps):
+        run.notes.append(f"resumed steps past the schedule's end (step {cfg.decay_steps or cfg.steps}) use min_lr")
+    copy = rebuild(run.path, run.ckpt, acfg, math_attention=False)
+    devices = [copy.setup.device] if copy.setup.device.type == "cuda" else []
+    records = []
+    with torch.random.fork_rng(devices=devices):  # dropout draws of its own; the caller's RNG is left as it was
+        for step in progress(range(copy.step, copy.step + n), n, "resumed steps"):
+            torch.manual_seed(2_000_003 * cfg.seed + step)
+            rec = train_step(copy.setup, copy.model, copy.opt, step)
+            load_proxy(copy)
+            orth = orthogonality(copy, acfg, alternatives=False)
+            records.append(
+                {
+                    "step": rec["step"],
+                    "loss": rec["loss"],
+                    "lr": rec["lr"],
+                    "grad_norm": rec["grad_norm"],
+                    "cv": orth["run"]["cv"] if orth else None,
+                    "cv_median": orth["run"]["cv_median"] if orth else None,
+                    "cv_per_layer_type": {t: v["cv"] for t, v in orth["per_layer_type"].items()} if orth else {},
+                }
+            )
+            if not math.isfinite(rec["loss"]):
+                run.notes.append(f"resumed step {rec['step']}: loss {rec['loss']}; the CV trajectory stops there")
+                break
+    return records
+
+
 def final_loss(run: Run) -> dict:
     """The run's final losses at the checkpoint's step from its log.jsonl, else a fresh evaluation."""
     out: dict[str, Any] = {"train_loss": None, "val_loss": None, "source": None}
@@ -485,8 +558,9 @@ def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
     for key in ("batches", "hvp_batches", "bins"):
         if getattr(acfg, key) < 1:
             raise TrainerError(f"--{key} must be >= 1, got {getattr(acfg, key)}")
-    if acfg.hessian_rows < 0:
-        raise TrainerError(f"--hessian_rows must be >= 0, got {acfg.hessian_rows}")
+    for key in ("hessian_rows", "resume_steps"):
+        if getattr(acfg, key) < 0:
+            raise TrainerError(f"--{key} must be >= 0, got {getattr(acfg, key)}")
     if not acfg.v_log10_min < acfg.v_log10_max:
         raise TrainerError("--v_log10_min must be below --v_log10_max")
     if acfg.hessian_ids.strip():
@@ -526,8 +600,11 @@ def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
         result["gradient_bound"] = gradient_bound(run, acfg.batches)
         result["second_moment"] = second_moments(run, acfg)
         result["hessian"] = hessian(run, acfg, label) if want_hessian else None
-        orth = result["orthogonality"]
+        result["cv_trajectory"] = cv_trajectory(run, acfg)  # last: a copy of the run trains on
+        orth, traj = result["orthogonality"], result["cv_trajectory"]
         cv = f"mean CV {orth['run']['cv']:.4f}, " if orth else ""
+        if traj:
+            cv += f"after {len(traj)} resumed steps {_f(traj[0]['cv'])} -> {_f(traj[-1]['cv'])}, "
         print(
             f"  [{label}] {cv}gradient bound {result['gradient_bound']['value']:.4g} "
             f"({time.perf_counter() - t0:.1f} s)",
@@ -617,8 +694,35 @@ def aggregate_scopes(runs: list[dict]) -> dict[str, dict]:
             for t, v in (r["orthogonality"] or {}).get("per_layer_type", {}).items():
                 types.setdefault(t, []).append(v["cv"])
         row["cv_per_layer_type"] = {t: _mean(v) for t, v in types.items()}
+        row["resumed"] = resumed_summary([r.get("cv_trajectory") for r in mine])
         scopes[f"{model} {scope}" if multi else scope] = row
     return scopes
+
+
+def resumed_summary(trajectories: list[list[dict] | None]) -> dict | None:
+    """One scope's CV trajectories (item 5), its seeds averaged step by step (the k-th resumed step of each):
+    the CV and loss at the first and last resumed step, and the mean and sample std over the steps of that
+    seed-averaged CV. None when no run of the scope has one."""
+    trajs = [t for t in trajectories if t]
+    if not trajs:
+        return None
+    n = min(len(t) for t in trajs)
+    cv = [_mean(t[k]["cv"] for t in trajs) for k in range(n)]
+    loss = [_mean(t[k]["loss"] for t in trajs) for k in range(n)]
+    finite = [x for x in cv if x is not None]
+    return {
+        "runs": len(trajs),
+        "steps": n,
+        "first_step": [t[0]["step"] for t in trajs],
+        "last_step": [t[n - 1]["step"] for t in trajs],
+        "cv": cv,
+        "cv_first": cv[0],
+        "cv_last": cv[-1],
+        "cv_mean": statistics.fmean(finite) if finite else None,
+        "cv_std": statistics.stdev(finite) if len(finite) > 1 else None,
+        "loss_first": loss[0],
+        "loss_last": loss[-1],
+    }
 
 
 def by_model(scopes: dict[str, dict]) -> dict[str, dict[str, dict]]:
@@ -761,6 +865,31 @@ def summary_md(a: dict) -> str:
                 f"| {name} | {s['n']} | {_pm(s, 'cv')} | {_pm(s, 'gradient_bound', '.4g')} | {_pm(s, 'val_loss')} | "
                 f"{_pm(s, 'v_median', '.3g')} |"
             )
+    resumed = {name: s for name, s in scopes.items() if s.get("resumed")}
+    if resumed:
+        lines += [
+            "",
+            f"## CV over {a['config']['resume_steps']} resumed training steps (the paper's protocol)",
+            "",
+            "| scope | n | resumed steps | CV at checkpoint | CV first step | CV last step | mean CV ± std over "
+            "steps | train loss first → last |",
+            "|" + "---|" * 8,
+        ]
+        for name, s in resumed.items():
+            t = s["resumed"]
+            first, last = sorted(set(t["first_step"])), sorted(set(t["last_step"]))
+            span = f"{first[0]}–{last[-1]}" if len(first) == len(last) == 1 else f"{t['steps']} each"
+            mean = _f(t["cv_mean"]) + ("" if t["cv_std"] is None else f" ± {_f(t['cv_std'])}")
+            lines.append(
+                f"| {name} | {t['runs']} | {span} | {_pm(s, 'cv')} | {_f(t['cv_first'])} | {_f(t['cv_last'])} | "
+                f"{mean} | {_f(t['loss_first'])} → {_f(t['loss_last'])} |"
+            )
+        lines += [
+            "",
+            "From each checkpoint a copy of the run trained on (its own optimizer and batch stream) and the mean CV "
+            "over the matrices was measured after every step; with several seeds the CVs are averaged per resumed "
+            "step first, and ± is the sample std over the steps. CV at checkpoint: the table above (± over seeds).",
+        ]
     hess = [r for r in runs if r["hessian"]]
     if hess:
         lines += [
@@ -821,6 +950,27 @@ def plot(a: dict, out: Path) -> list[str]:
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         written.append(_save(fig, out / "cv_by_layer.png", plt))
+    truns = [r for r in a["runs"] if r.get("cv_trajectory")]
+    if truns:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in truns:
+            traj = r["cv_trajectory"]
+            xs = [t["step"] for t in traj]
+            ys = [math.nan if t["cv"] is None else t["cv"] for t in traj]
+            (line,) = ax.plot(xs, ys, lw=1.5, marker="." if len(xs) <= 50 else None, label=r["label"])
+            if r["orthogonality"]:  # where the trajectory starts from: the checkpoint's own CV
+                ax.plot([r["step"]], [r["orthogonality"]["run"]["cv"]], "o", mfc="none", color=line.get_color())
+        ax.set(xlabel="training step", ylabel="mean CV of singular values of A over the matrices")
+        n = max(len(r["cv_trajectory"]) for r in truns)
+        ax.set_title(
+            f"{model}: update-orthogonality CV after each of {n} training steps\n"
+            "resumed from each checkpoint (open circle: the checkpoint's own CV)",
+            fontsize=10,
+        )
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(_save(fig, out / "cv_trajectory.png", plt))
     vruns = [r for r in a["runs"] if r["second_moment"]]
     if vruns:
         fig, ax = plt.subplots(figsize=(7, 4.5))
