@@ -29,17 +29,26 @@ pieces of one parameter (q, k, v of a split fused weight) stacked on dim 0. A ro
 non-finite result) is retried in float64, then in float64 on the CPU; when all fail the previous basis is kept
 (the identity when there is none). Each fallback is counted in the ``stats`` mapping passed in (the optimizer's
 ``basis_stats``) and logged at WARNING; none raises.
+
+**Batching.** The decompositions one optimizer step needs are known before it starts (an svd recompute takes the
+step's gradient; an eigen refresh takes the factors after this step's update and the current Q), so the
+optimizers collect them first and :func:`batched_decompositions` runs those of equal kind, shape, dtype and
+device as one batched ``torch.linalg`` call (the q, k, v pieces and the output projection of every layer of a
+GPT are one batch); an item of a batch that fails goes through the fallbacks above on its own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
+from typing import Any
 
 import torch
 
 __all__ = [
     "BASIS_CHANGES",
+    "DECOMPOSITIONS",
+    "batched_decompositions",
     "DynamicRotation",
     "EigenRotation",
     "SvdRotation",
@@ -88,6 +97,65 @@ def robust_decomposition(
     log.warning("rotkern: %s: decomposition failed in every dtype and device (%s); the previous basis is kept", what,
                 reason)  # fmt: skip
     return None
+
+
+_RUN: Any = object()  # "not decomposed yet": the method runs its decomposition itself
+
+
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.linalg.svd(a, full_matrices=False)
+
+
+def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.linalg.eigh(a)
+
+
+def _qr_q(a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (torch.linalg.qr(a)[0],)
+
+
+# The decompositions the dynamic bases run, by kind; each takes (..., k, w) and returns a tuple of tensors.
+DECOMPOSITIONS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] = {
+    "svd": _svd,
+    "eigh": _eigh,
+    "qr": _qr_q,
+}
+
+
+def batched_decompositions(
+    jobs: list[tuple[Hashable, str, torch.Tensor, str]], stats: MutableMapping[str, int] | None = None
+) -> dict[Hashable, tuple[torch.Tensor, ...] | None]:
+    """Run decompositions, those of equal kind, shape, dtype and device as one batched call.
+
+    Args:
+        jobs: (key, kind, x, what): ``kind`` one of :data:`DECOMPOSITIONS`, ``x`` a (k, w) matrix, ``what`` the
+            unit, for log messages.
+    Returns:
+        {key: the decomposition's tensors (views into the batch's results), or None where it failed
+        everywhere}. A job alone in its batch, and any item of a batch that raised or came back non-finite, runs
+        :func:`robust_decomposition` (same fallbacks, same ``stats`` counts as unbatched).
+    """
+    groups: dict[tuple, list[tuple[Hashable, str, torch.Tensor, str]]] = {}
+    for job in jobs:
+        x = job[2]
+        groups.setdefault((job[1], tuple(x.shape), x.dtype, x.device), []).append(job)
+    out: dict[Hashable, tuple[torch.Tensor, ...] | None] = {}
+    for (kind, *_), items in groups.items():
+        fn = DECOMPOSITIONS[kind]
+        if len(items) > 1:
+            try:
+                res = fn(torch.stack([x for _, _, x, _ in items]))
+            except RuntimeError:  # one bad matrix fails the whole call: every item retries alone below
+                res = None
+            if res is not None:
+                finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in res]).all(0).tolist()
+                for i, (key, *_rest) in enumerate(items):
+                    if finite[i]:
+                        out[key] = tuple(t[i] for t in res)
+                items = [item for item, ok in zip(items, finite, strict=True) if not ok]
+        for key, _, x, what in items:
+            out[key] = robust_decomposition(fn, x, what, stats)
+    return out
 
 
 def _count(stats: MutableMapping[str, int] | None, key: str) -> None:
@@ -340,19 +408,25 @@ class SvdRotation(DynamicRotation):
             shapes["svd_v_tau"] = (p, r)
         return shapes
 
+    def compute_job(self, g: torch.Tensor) -> tuple[str, torch.Tensor, str]:
+        """(kind, input, what) of the decomposition :meth:`compute` runs, for :func:`batched_decompositions`."""
+        return "svd", g, repr(self)
+
     def compute(
-        self, g: torch.Tensor, stats: MutableMapping[str, int] | None = None
+        self, g: torch.Tensor, stats: MutableMapping[str, int] | None = None, decomposed: Any = _RUN
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """The bases of this piece from the current gradient.
 
         Args:
             g: (k, w) gradient, in the dtype the SVD runs in (the optimizer's compute dtype); finite.
             stats: counts of fallbacks (see :func:`robust_decomposition`).
+            decomposed: the SVD of g (U, S, Vh) already computed (:func:`batched_decompositions` of
+                :meth:`compute_job`; None where it failed); by default it is computed here.
         Returns:
             (S, bases): the singular values (r,), descending, and this piece's state tensors (the
             :meth:`state_shapes` keys, without the piece dim); None when the SVD failed everywhere.
         """
-        out = robust_decomposition(lambda a: torch.linalg.svd(a, full_matrices=False), g, repr(self), stats)
+        out = robust_decomposition(_svd, g, repr(self), stats) if decomposed is _RUN else decomposed
         if out is None:
             return None
         u, s, vh = out
@@ -478,15 +552,25 @@ class EigenRotation(DynamicRotation):
     def _gram(g: torch.Tensor, side: str) -> torch.Tensor:
         return g @ g.mT if side == "l" else g.mT @ g
 
-    def initial(self, g: torch.Tensor, stats: MutableMapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    def initial_jobs(self, g: torch.Tensor) -> dict[str, tuple[str, torch.Tensor, str]]:
+        """Per side, (kind, input, what) of the ``eigh`` :meth:`initial` runs."""
+        return {side: ("eigh", self._gram(g, side), f"{self!r} eigh ({side})") for side, _ in self._sides()}
+
+    def initial(
+        self, g: torch.Tensor, stats: MutableMapping[str, int] | None = None, decomposed: Mapping | None = None
+    ) -> dict[str, torch.Tensor]:
         """The first bases from the first gradient g (k, w): ``GG = G G^T`` (and ``G^T G``), Q by ``eigh``.
 
-        A side whose ``eigh`` fails everywhere starts from Q = I (counted in ``stats``).
+        A side whose ``eigh`` fails everywhere starts from Q = I (counted in ``stats``). ``decomposed``: per side,
+        the ``eigh`` of :meth:`initial_jobs` already computed (None where it failed); by default computed here.
         """
         bases = {}
         for side, n in self._sides():
             gg = self._gram(g, side)
-            out = robust_decomposition(torch.linalg.eigh, gg, f"{self!r} eigh ({side})", stats)
+            if decomposed is None:
+                out = robust_decomposition(_eigh, gg, f"{self!r} eigh ({side})", stats)
+            else:
+                out = decomposed[side]
             q = torch.eye(n, dtype=g.dtype, device=g.device) if out is None else out[1].flip(-1)
             bases[f"eigen_gg_{side}"], bases[f"eigen_q_{side}"] = gg, q.contiguous()
         return bases
@@ -496,21 +580,46 @@ class EigenRotation(DynamicRotation):
         for side, _ in self._sides():
             bases[f"eigen_gg_{side}"].lerp_(self._gram(g, side), 1 - beta)
 
+    @staticmethod
+    def _power_step(gg: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, GG Q[:, s]): one power iteration, columns in decreasing order of diag(Q^T GG Q) (the eigenvalue
+        estimates)."""
+        power = gg @ q
+        s = torch.argsort((q * power).sum(0), descending=True)
+        return s, power[:, s]
+
+    def refresh_jobs(
+        self, bases: Mapping[str, torch.Tensor], g: torch.Tensor, beta: float
+    ) -> dict[str, tuple[torch.Tensor, tuple[str, torch.Tensor, str]]]:
+        """Per side, (s, (kind, input, what)) of the QR that :meth:`refresh` will run once :meth:`accumulate` has
+        taken in ``g`` (computed here out of place, with the same arithmetic; ``bases`` is not changed)."""
+        jobs = {}
+        for side, _ in self._sides():
+            gg = bases[f"eigen_gg_{side}"].lerp(self._gram(g, side), 1 - beta)
+            s, x = self._power_step(gg, bases[f"eigen_q_{side}"])
+            jobs[side] = (s, ("qr", x, f"{self!r} qr ({side})"))
+        return jobs
+
     def refresh(
-        self, bases: Mapping[str, torch.Tensor], stats: MutableMapping[str, int] | None = None
+        self,
+        bases: Mapping[str, torch.Tensor],
+        stats: MutableMapping[str, int] | None = None,
+        decomposed: Mapping | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """New bases by one power iteration and a QR per side, and the slot order s of each side.
 
         Returns (new bases, {"l": s_l, "r": s_r} for the eigen sides): new column j continues old column s[j].
-        A side whose QR fails everywhere keeps its basis (s = identity order).
+        A side whose QR fails everywhere keeps its basis (s = identity order). ``decomposed``: per side, (s, the
+        QR of :meth:`refresh_jobs`, None where it failed) already computed; by default computed here.
         """
         new, order = {}, {}
         for side, n in self._sides():
             gg, q = bases[f"eigen_gg_{side}"], bases[f"eigen_q_{side}"]
-            power = gg @ q
-            est = (q * power).sum(0)  # diag(Q^T GG Q)
-            s = torch.argsort(est, descending=True)
-            out = robust_decomposition(lambda a: (torch.linalg.qr(a)[0],), power[:, s], f"{self!r} qr ({side})", stats)
+            if decomposed is None:
+                s, x = self._power_step(gg, q)
+                out = robust_decomposition(_qr_q, x, f"{self!r} qr ({side})", stats)
+            else:
+                s, out = decomposed[side]
             if out is None:
                 s = torch.arange(n, device=q.device)
                 out = (q.clone(),)

@@ -46,11 +46,12 @@ rotated_sgdm_ref — rotated SGD with momentum (torch.optim.SGD semantics in the
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 import torch
 
-from ..bases import DEFAULT_BASIS_CHANGE, DynamicRotation, EigenRotation, SvdRotation
+from ..bases import DEFAULT_BASIS_CHANGE, DynamicRotation, EigenRotation, SvdRotation, batched_decompositions
 from ..scopes import Unit
 
 __all__ = ["dynamic_bases_after", "dynamic_bases_before", "rotated_adamw_ref", "rotated_sgdm_ref"]
@@ -108,8 +109,10 @@ def rotated_adamw_ref(
     m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
     vmax_flat = _flat(max_exp_avg_sqs) if amsgrad else None
     _advance_steps(state_steps, units)
+    pre = _prefetch(units, g_flat, exp_avgs, state_steps, svd_bases, maximize, svd_every=svd_every,
+                    precondition_every=precondition_every, shampoo_beta=shampoo_beta, stats=basis_stats)  # fmt: skip
     reset_at: dict[int, float] = {}
-    for unit in units:
+    for ui, unit in enumerate(units):
         members = unit.params
         step = float(state_steps[members[0]])
         cdt = exp_avgs[members[0]].dtype
@@ -127,7 +130,7 @@ def rotated_adamw_ref(
             moments = [m, v] + ([unit.view(vmax_flat)] if amsgrad else [])
             g_in = g
             rotated = dynamic_bases_before(rot, g, store, step, svd_every=svd_every, change=change, moments=moments,
-                                           stats=basis_stats)  # fmt: skip
+                                           stats=basis_stats, decomposed=pre[ui])  # fmt: skip
             if rotated is None:
                 continue
             g, bases = rotated
@@ -176,7 +179,7 @@ def rotated_adamw_ref(
         if dynamic:
             dynamic_bases_after(rot, g_in, bases, store, float(state_steps[members[0]]), change=change,
                                 moments=moments, precondition_every=precondition_every, shampoo_beta=shampoo_beta,
-                                stats=basis_stats)  # fmt: skip
+                                stats=basis_stats, decomposed=pre[ui])  # fmt: skip
 
 
 def dynamic_bases_before(
@@ -190,6 +193,7 @@ def dynamic_bases_before(
     moments: list[torch.Tensor],
     stats: MutableMapping[str, int] | None = None,
     rotate: bool = True,
+    decomposed: Any = None,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]] | None:
     """The basis management of a dynamic unit before its Adam step: (g~, bases), or None when the step takes no
     Adam step (an eigen unit's step 1, which only builds the first factors and basis).
@@ -201,10 +205,12 @@ def dynamic_bases_before(
             across a basis change in place.
         rotate: False: g~ is None wherever it would be ``L^T g R`` (a fused caller computes it), and only a g~
             that is not that product (S padded at an svd recompute step) is returned.
+        decomposed: this unit's entry of :func:`prefetch_decompositions` (None: decompose here).
     """
+    pre = (decomposed or {}).get("before")
     if isinstance(rot, SvdRotation):
-        return _svd_rotate(rot, g, store, step, svd_every, change, moments, stats, rotate)
-    return _eigen_rotate(rot, g, store, step, stats, rotate)
+        return _svd_rotate(rot, g, store, step, svd_every, change, moments, stats, rotate, pre)
+    return _eigen_rotate(rot, g, store, step, stats, rotate, pre)
 
 
 def dynamic_bases_after(
@@ -219,6 +225,7 @@ def dynamic_bases_after(
     precondition_every: int,
     shampoo_beta: float,
     stats: MutableMapping[str, int] | None = None,
+    decomposed: Any = None,
 ) -> None:
     """The basis management of a dynamic unit after its Adam step (eigen units: the factors take in g, then maybe a
     refresh, the moments carried across in place). Arguments as :func:`dynamic_bases_before`."""
@@ -226,9 +233,81 @@ def dynamic_bases_after(
         # SOAP's order: the factors take in this step's gradient after it was applied, then maybe a refresh.
         rot.accumulate(bases, g, shampoo_beta)
         if int(step) % precondition_every == 0:
-            new, order = rot.refresh(bases, stats)
+            new, order = rot.refresh(bases, stats, (decomposed or {}).get("after"))
             _change_moments(rot, moments, bases, new, change, store, step, order)  # views: in place
             rot.save(store, new)
+
+
+def _prefetch(units, g_flat, exp_avgs, state_steps, svd_bases, maximize, **kwargs) -> list[dict | None]:
+    """:func:`prefetch_decompositions` for a step of :func:`rotated_adamw_ref` (flat grads, per-param state)."""
+    if not any(isinstance(u.rotation, DynamicRotation) for u in units):
+        return [None] * len(units)
+    grads, stores, steps = [], [], []
+    for unit in units:
+        i = unit.params[0]
+        dynamic = isinstance(unit.rotation, DynamicRotation)
+        g = unit.view(g_flat).to(exp_avgs[i].dtype) if dynamic else None
+        grads.append(-g if dynamic and maximize else g)
+        stores.append(_basis_store(svd_bases, i) if dynamic else None)
+        steps.append(float(state_steps[i]))
+    return prefetch_decompositions(units, grads, stores, steps, **kwargs)
+
+
+def prefetch_decompositions(
+    units: Sequence[Unit],
+    grads: Sequence[torch.Tensor],
+    stores: Sequence[MutableMapping[str, torch.Tensor]],
+    steps: Sequence[float],
+    *,
+    svd_every: int,
+    precondition_every: int,
+    shampoo_beta: float,
+    stats: MutableMapping[str, int] | None = None,
+) -> list[dict | None]:
+    """Every decomposition the dynamic units of one step will run, computed up front, batched across units of equal
+    shape (:func:`rotkern.bases.batched_decompositions`): an svd recompute's SVD of g, an eigen unit's first
+    ``eigh`` of G G^T (and G^T G), an eigen refresh's QR (of the factors after this step's update).
+
+    Args (per unit, aligned with ``units``; None / ignored for static units): ``grads``, the unit's (k, w) gradient
+    as the step uses it (compute dtype, negated under maximize); ``stores``, its param's basis store; ``steps``,
+    the param's step after this step's increment.
+    Returns:
+        per unit, None or {"before": ..., "after": ...} for the ``decomposed`` argument of
+        :func:`dynamic_bases_before` / :func:`dynamic_bases_after`. Each holds the results of one unit, so what a
+        step computes is the same as unbatched up to the batched call's rounding.
+    """
+    jobs: list = []
+    plans: list[tuple[int, str, Any]] = []  # (unit, "svd" | "initial" | "refresh", orders)
+    for ui, unit in enumerate(units):
+        rot = unit.rotation
+        if not isinstance(rot, DynamicRotation):
+            continue
+        g, store, step = grads[ui], stores[ui], int(steps[ui])
+        if isinstance(rot, SvdRotation):
+            if (step - 1) % svd_every == 0:
+                jobs.append(((ui, None), *rot.compute_job(g)))
+                plans.append((ui, "svd", None))
+            continue
+        bases = rot.load(store)
+        if bases is None or step == 1:
+            jobs += [((ui, side), *job) for side, job in rot.initial_jobs(g).items()]
+            plans.append((ui, "initial", None))
+        elif step % precondition_every == 0:
+            refresh = rot.refresh_jobs(bases, g, shampoo_beta)
+            jobs += [((ui, side), *job) for side, (_, job) in refresh.items()]
+            plans.append((ui, "refresh", {side: s for side, (s, _) in refresh.items()}))
+    if not jobs:
+        return [None] * len(units)
+    done = batched_decompositions(jobs, stats)
+    out: list[dict | None] = [None] * len(units)
+    for ui, kind, orders in plans:
+        if kind == "svd":
+            out[ui] = {"before": (done[(ui, None)],)}
+        elif kind == "initial":
+            out[ui] = {"before": {side: done[(ui, side)] for side, _ in units[ui].rotation._sides()}}
+        else:
+            out[ui] = {"after": {side: (s, done[(ui, side)]) for side, s in orders.items()}}
+    return out
 
 
 def _basis_store(svd_bases, param: int) -> MutableMapping[str, torch.Tensor]:
@@ -250,12 +329,13 @@ def _svd_rotate(
     moments: list[torch.Tensor],
     stats: MutableMapping[str, int] | None,
     rotate: bool = True,
+    pre: Any = None,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """(g~, bases) of an svd unit at ``step``: new bases from g at a recompute step (the moments carried across
-    per ``change``), else the stored ones."""
+    per ``change``), else the stored ones. ``pre``: the SVD of g already computed, as a 1-tuple."""
     old = rot.load(store)
     if (int(step) - 1) % svd_every == 0:
-        computed = rot.compute(g, stats)
+        computed = rot.compute(g, stats) if pre is None else rot.compute(g, stats, pre[0])
         if computed is not None:
             s, bases = computed
             if old is not None:
@@ -282,13 +362,14 @@ def _eigen_rotate(
     step: float,
     stats,
     rotate: bool = True,
+    pre: Mapping | None = None,
 ) -> tuple[torch.Tensor | None, dict] | None:
     """(g~, bases) of an eigen unit, or None at step 1, which only builds the first factors and basis (SOAP's
     skipped first step; see :class:`~rotkern.bases.EigenRotation`). The pieces of a param share its state
     tensors, so the step, not the tensors' presence, says whether this piece has a basis yet."""
     bases = rot.load(store)
     if bases is None or int(step) == 1:
-        rot.save(store, rot.initial(g, stats))
+        rot.save(store, rot.initial(g, stats, pre))
         store["basis_reset_at"] = torch.tensor(float(step), dtype=torch.float32, device=g.device)
         return None
     return (rot.rotate(g, bases) if rotate else None), bases

@@ -168,15 +168,25 @@ class FusedRotatedAdamW(RotatedAdamW):
     ) -> None:  # fmt: skip
         """:func:`rotated_adamw_ref` for dynamic units with dense bases: its basis management, then the Adam step
         in the two-sided Triton kernel."""
-        from ..kernels.reference import _advance_steps, _basis_store, _flat, dynamic_bases_after, dynamic_bases_before
+        from ..kernels.reference import (
+            _advance_steps,
+            _basis_store,
+            _flat,
+            _prefetch,
+            dynamic_bases_after,
+            dynamic_bases_before,
+        )
         from ..kernels.two_sided_adamw import two_sided_adamw_step  # imports triton: only on this path
 
         p_flat, g_flat = _flat(params), _flat(grads)
         m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
         vmax_flat = _flat(max_exp_avg_sqs) if amsgrad else None
         _advance_steps(state_steps, units)
+        pre = _prefetch(units, g_flat, exp_avgs, state_steps, svd_bases, maximize, svd_every=svd_every,
+                        precondition_every=precondition_every, shampoo_beta=shampoo_beta,
+                        stats=basis_stats)  # fmt: skip
         reset_at: dict[int, float] = {}
-        for unit in units:
+        for ui, unit in enumerate(units):
             i = unit.params[0]
             rot = unit.rotation
             step = float(state_steps[i])
@@ -190,7 +200,7 @@ class FusedRotatedAdamW(RotatedAdamW):
             vmax = unit.view(vmax_flat) if amsgrad else None
             moments = [m, v] + ([vmax] if amsgrad else [])
             rotated = dynamic_bases_before(rot, g, store, step, svd_every=svd_every, change=change, moments=moments,
-                                           stats=basis_stats, rotate=False)  # fmt: skip
+                                           stats=basis_stats, rotate=False, decomposed=pre[ui])  # fmt: skip
             if rotated is None:
                 continue
             g_rot, bases = rotated
@@ -209,7 +219,7 @@ class FusedRotatedAdamW(RotatedAdamW):
             self.two_sided_steps += 1
             dynamic_bases_after(rot, g, bases, store, step, change=change, moments=moments,
                                 precondition_every=precondition_every, shampoo_beta=shampoo_beta,
-                                stats=basis_stats)  # fmt: skip
+                                stats=basis_stats, decomposed=pre[ui])  # fmt: skip
 
     def _svd_dense(self, rot: SvdRotation, param: torch.Tensor, store, bases) -> tuple[torch.Tensor, torch.Tensor]:
         """The svd unit's dense L, R for the kernel; a side kept as Householder reflectors is formed once per

@@ -506,3 +506,73 @@ def test_eigen_resumes_bit_identically_across_refreshes(change):
     _run(resumed, copy_params, grads[6:])
     for a, b in zip(params, copy_params, strict=True):
         assert torch.equal(a, b)
+
+
+# %% batched decompositions -----------------------------------------------------------------------------------
+def test_batched_decompositions_group_by_shape_and_isolate_failures(caplog):
+    from rotkern.bases import DECOMPOSITIONS, batched_decompositions
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 3, generator=gen) for _ in range(3)] + [torch.randn(4, 4, generator=gen)]
+    xs[1][0, 0] = float("nan")  # fails the batch's check for item 1 only
+    jobs = [(i, "svd", x, f"x{i}") for i, x in enumerate(xs)]
+    stats: dict[str, int] = {}
+    with caplog.at_level(logging.WARNING, logger="rotkern"):
+        out = batched_decompositions(jobs, stats)
+    assert out[1] is None and stats == {"basis_kept": 1} and "x1" in caplog.text  # retried alone, then kept
+    for i in (0, 2, 3):
+        want = DECOMPOSITIONS["svd"](xs[i])
+        for got, ref in zip(out[i], want, strict=True):
+            assert_close_to_ref(got, ref, "roundtrip_fp32", what=f"item {i}")
+    # eigh and qr, batched, as their unbatched calls
+    sym = [x @ x.mT for x in xs[:1] + xs[2:3]]
+    out = batched_decompositions([(i, "eigh", a, "") for i, a in enumerate(sym)] + [("q", "qr", xs[3], "")])
+    for i, a in enumerate(sym):
+        assert_close_to_ref(out[i][0], torch.linalg.eigvalsh(a), "roundtrip_fp32", what="eigh")
+    assert_close_to_ref(out["q"][0], torch.linalg.qr(xs[3])[0], "roundtrip_fp32", what="qr")
+
+
+@pytest.mark.parametrize("scope", ["svd", "eigen"])
+def test_equal_shapes_decompose_in_one_batched_call(scope, monkeypatch):
+    """q, k, v pieces and an equal-shaped matrix: one call per kind and shape, and the same steps as one call per
+    unit (the prefetch switched off)."""
+    from rotkern.kernels import reference
+
+    calls: list[tuple[str, tuple]] = []
+    real = {"svd": torch.linalg.svd, "eigh": torch.linalg.eigh, "qr": torch.linalg.qr}
+
+    def spy(kind):
+        def fn(a, *args, **kwargs):
+            calls.append((kind, tuple(a.shape)))
+            return real[kind](a, *args, **kwargs)
+
+        return fn
+
+    shapes, roles = [(9, 3), (3, 3), (6, 4), (8,)], ["qkv", "matrix", "matrix", "vector"]
+    kw = dict(**HYPER, rotation=scope, svd_every=2, precondition_every=2)
+
+    def run(prefetch: bool) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        params = [torch.randn(s) for s in shapes]
+        opt = RotatedAdamW([{"params": params, "roles": roles}], **kw)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params
+
+    for kind in real:
+        monkeypatch.setattr(torch.linalg, kind, spy(kind))
+    batched = run(True)
+    if scope == "svd":  # recomputes at steps 1 and 3: the four (3, 3) units in one call, (6, 4) alone
+        assert calls == [("svd", (4, 3, 3)), ("svd", (6, 4))] * 2
+    else:  # step 1: eigh per side ((3, 3) x 4 units x 2 sides = 8 in one call); refreshes at steps 2 and 4
+        assert calls[:3] == [("eigh", (8, 3, 3)), ("eigh", (6, 6)), ("eigh", (4, 4))]
+        assert calls[3:6] == [("qr", (8, 3, 3)), ("qr", (6, 6)), ("qr", (4, 4))] and len(calls) == 9
+    calls.clear()
+    monkeypatch.setattr(reference, "prefetch_decompositions", lambda units, *a, **k: [None] * len(units))
+    alone = run(False)
+    assert all(len(shape) == 2 for _, shape in calls)  # one matrix per call
+    for i, (p, q) in enumerate(zip(batched, alone, strict=True)):
+        assert_close_to_ref(p, q, "fused_fp32", what=f"param {i}")
