@@ -37,6 +37,10 @@ Defaults where the paper is silent (each configurable):
 - ``vectors="auto"``: 1-D parameters join the global vector, are their own vector in the layer scope
   and stay unrotated in neuron-wise scopes. ``"rotate"`` rotates them as one vector in neuron-wise scopes
   too; ``"none"`` never rotates them.
+- ``qkv_pieces="qkv"``: which thirds (q, k, v) of a fused ``qkv`` weight the scope rotates; the others get
+  identity units (plain Adam), so that one layer type (paper C.2: value only) can be rotated alone. Any
+  non-empty subset of ``"qkv"`` (written in that order); needs ``split_qkv`` in the per-layer scopes (in the
+  global scope the chosen thirds join the global vector), and is not offered for the dynamic scopes.
 - Neuron-wise vectors longer than the block are permuted within the vector (one permutation per unit,
   shared by its rows) and split into blocks plus a residual; shorter ones get one Haar block of their
   own length. Every unit with the same seed shares the same R_n.
@@ -89,6 +93,7 @@ ALL_SCOPES = SCOPES + DYNAMIC_SCOPES
 ROLES = ("matrix", "qkv", "embedding", "vector")
 EMBEDDING_ORIENTATIONS = ("transposed", "as_linear")
 VECTOR_POLICIES = ("auto", "rotate", "none")
+QKV_PIECES = "qkv"
 DEFAULT_QKV_PATTERNS = ("c_attn.weight", "qkv.weight", "in_proj_weight", "to_qkv.weight")
 
 
@@ -174,6 +179,16 @@ def _check_choice(value: str, choices: Sequence[str], name: str) -> str:
     return value
 
 
+def check_qkv_pieces(value: object, name: str = "qkv_pieces") -> str:
+    """Validate a ``qkv_pieces`` option (a non-empty subset of the letters q, k, v); returns it in q, k, v order."""
+    if not isinstance(value, str) or not value or set(value) - set(QKV_PIECES) or len(set(value)) != len(value):
+        raise ValueError(
+            f"{name}={value!r} must name which thirds of a fused QKV weight are rotated: a non-empty subset of "
+            "'q', 'k', 'v' written as one string, each letter once (e.g. 'v', 'qk', 'qkv')"
+        )
+    return "".join(c for c in QKV_PIECES if c in value)
+
+
 def build_units(
     shapes: Sequence[torch.Size],
     scope: str,
@@ -188,6 +203,7 @@ def build_units(
     frozen: Sequence[bool] | None = None,
     max_precond_dim: int = 10000,
     structure: str = "haar",
+    qkv_pieces: str = "qkv",
 ) -> list[Unit]:
     """Split a parameter group into rotation units.
 
@@ -205,6 +221,7 @@ def build_units(
         max_precond_dim: ``eigen`` scope: sides longer than this are the identity (SOAP's max_precond_dim).
         structure: the blocks of the static scopes' rotations: ``haar`` or ``hadamard`` (see
             :class:`rotkern.rotations.BlockRotation`; a power-of-two block_size).
+        qkv_pieces: the thirds (q, k, v) of ``qkv`` parameters the scope rotates; the others are identity units.
     Returns:
         Units covering every parameter of nonzero size exactly once; zero-size parameters (what FSDP leaves on
         tail ranks) get no unit.
@@ -214,6 +231,14 @@ def build_units(
     _check_choice(vectors, VECTOR_POLICIES, "vectors")
     check_block_size(block_size)
     check_structure(structure, block_size)
+    qkv_pieces = check_qkv_pieces(qkv_pieces)
+    partial = qkv_pieces != QKV_PIECES and scope != "none"
+    if partial and scope in DYNAMIC_SCOPES:
+        raise ValueError(f"qkv_pieces={qkv_pieces!r} is for the static scopes; rotation={scope!r} takes 'qkv' only")
+    if partial and scope != "global" and not split_qkv:
+        raise ValueError(
+            f"qkv_pieces={qkv_pieces!r} rotates some thirds of a fused QKV weight: it needs split_qkv=True"
+        )
     shapes = [torch.Size(s) for s in shapes]
     roles = list(roles) if roles is not None else infer_roles(shapes, names)
     if len(roles) != len(shapes):
@@ -229,9 +254,18 @@ def build_units(
     numels = [s.numel() for s in shapes]
     units: list[Unit] = []
 
-    def identity(i: int) -> None:
-        if numels[i]:
-            units.append(Unit("identity", (Segment(i, 0, numels[i]),), 0, (1, numels[i]), None))
+    def identity(i: int, start: int = 0, stop: int | None = None) -> None:
+        stop = numels[i] if stop is None else stop
+        if stop > start:
+            units.append(Unit("identity", (Segment(i, start, stop),), 0, (1, stop - start), None))
+
+    def thirds(i: int) -> list[tuple[Segment, bool]]:
+        """A partially rotated qkv param's thirds as segments, each with whether it is rotated."""
+        n0, width = shapes[i][0], numels[i] // shapes[i][0] if shapes[i][0] else 0
+        return [
+            (Segment(i, j * n0 // 3 * width, (j + 1) * n0 // 3 * width), c in qkv_pieces)
+            for j, c in enumerate(QKV_PIECES)
+        ]
 
     def flat(segs: list[Segment]) -> None:
         total = sum(s.numel for s in segs)
@@ -259,8 +293,10 @@ def build_units(
             units.append(Unit("identity", seg, 0, (1, k * width), None))
             return
         rot: DynamicRotation
-        rot = SvdRotation(k, width, piece, num_pieces) if scope == "svd" else EigenRotation(
-            k, width, piece, num_pieces, max_dim=max_precond_dim
+        rot = (
+            SvdRotation(k, width, piece, num_pieces)
+            if scope == "svd"
+            else EigenRotation(k, width, piece, num_pieces, max_dim=max_precond_dim)
         )
         units.append(Unit(scope, seg, width, (k, width), rot))
 
@@ -282,14 +318,23 @@ def build_units(
         return units
     if scope == "global":
         unrotated = [roles[i] == "vector" and vectors == "none" for i in range(len(shapes))]
+        split = [partial and roles[i] == "qkv" and numels[i] > 0 for i in range(len(shapes))]
+
+        def rotated(i: int) -> list[Segment]:
+            return [s for s, keep in thirds(i) if keep and s.numel] if split[i] else [Segment(i, 0, numels[i])]
+
         members = [i for i in range(len(shapes)) if not unrotated[i] and not frozen[i]]
-        flat([Segment(i, 0, numels[i]) for i in members if numels[i]])
+        flat([s for i in members if numels[i] for s in rotated(i)])
         # After the shared unit, so that its permutation stream does not depend on the frozen parameters.
         for i in range(len(shapes)):
             if unrotated[i]:
                 identity(i)
-            elif frozen[i]:
-                flat([Segment(i, 0, numels[i])])
+                continue
+            if frozen[i]:
+                flat(rotated(i))
+            for s, keep in thirds(i) if split[i] else []:
+                if not keep:
+                    identity(i, s.start, s.stop)
         return units
     # Frozen parameters last: the permutation streams of the others are those they would get without them.
     for i in sorted(range(len(shapes)), key=lambda i: frozen[i]):
@@ -302,6 +347,9 @@ def build_units(
         width = numels[i] // shapes[i][0] if shapes[i][0] else 0
         parts = pieces(i)
         for j, (a, b) in enumerate(parts):
+            if partial and roles[i] == "qkv" and QKV_PIECES[j] not in qkv_pieces:
+                identity(i, a * width, b * width)
+                continue
             if scope == "layer":
                 flat([Segment(i, a * width, b * width)])
                 continue

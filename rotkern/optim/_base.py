@@ -46,9 +46,11 @@ from ..scopes import (
     DynamicRotation,
     Unit,
     build_units,
+    check_qkv_pieces,
     infer_roles,
     unit_index_map,
 )
+from . import _sharded
 
 log = logging.getLogger("rotkern")
 _warned: set[tuple] = set()
@@ -56,7 +58,7 @@ _warned: set[tuple] = set()
 # Group keys that decide the units (cached per group; they may not change once the moments exist).
 UNIT_KEYS = (
     "rotation", "block_size", "seed", "split_qkv", "embedding", "vectors", "roles", "shapes", "frozen",
-    "max_precond_dim", "structure",
+    "max_precond_dim", "structure", "qkv_pieces", "shard_mode", "shard_layout",
 )  # fmt: skip
 # Group keys that decide which basis the moments live in: a checkpoint must agree on all of them. svd_every
 # only sets when the next SVD basis is computed, so it may change between steps of a live optimizer; it is
@@ -98,6 +100,13 @@ class RotatedOptimizerBase(Optimizer):
         block_size, seed: Haar block size n and the rotation seed.
         structure: ``haar`` (Haar-random blocks, the paper's) or ``hadamard`` (randomized Walsh-Hadamard blocks).
         split_qkv, embedding, vectors: scope options (see :mod:`rotkern.scopes`).
+        qkv_pieces: which thirds of fused QKV weights the scope rotates (a subset of ``"qkv"``, e.g. ``"v"``; the
+            others step as plain AdamW). Stored in the group only when it is not the default ``"qkv"``, so
+            checkpoints from before the option load unchanged.
+        shard_mode: DTensor (FSDP2) params only: ``local`` (default) or ``gather``, what the ``input``, ``layer``
+            and ``global`` scopes do with units that span shards (see :mod:`rotkern.optim._sharded`); recorded
+            only when not the default. A group of DTensors under a shard-local rotation also records
+            ``shard_layout`` ([world size]), which a checkpoint must match.
         names, roles: optional per-parameter names and roles (see :func:`rotkern.param_groups_for`); params
             given as ``(name, tensor)`` pairs also get torch's ``param_names``.
         decay_mask: optional per-parameter bools; False disables weight decay for that parameter.
@@ -119,6 +128,7 @@ class RotatedOptimizerBase(Optimizer):
         # Decomposition fallbacks of the dynamic scopes (rotkern.bases.robust_decomposition): kind -> count.
         self.basis_stats: dict[str, int] = {}
         self._unit_cache: dict[int, tuple[tuple, tuple, list[Unit]]] = {}
+        self._shard_unit_cache: dict[int, tuple] = {}
         super().__init__(_normalise_params(params), defaults)
 
     # -- copies ---------------------------------------------------------------------------------------
@@ -133,6 +143,7 @@ class RotatedOptimizerBase(Optimizer):
         self.__dict__.setdefault("basis_stats", {})
         # Units hold caches bound to this object's state (svd bases); copies rebuild their own.
         self._unit_cache = {}
+        self._shard_unit_cache = {}
         for group in self.param_groups:
             group.setdefault("frozen", [False] * len(group["params"]))
             for p in group["params"]:
@@ -218,6 +229,34 @@ class RotatedOptimizerBase(Optimizer):
             raise ValueError(f"param group {gi}: vectors={group['vectors']!r}, not one of {VECTOR_POLICIES}")
         if isinstance(group["split_qkv"], torch.Tensor) or not isinstance(group["split_qkv"], bool):
             raise ValueError(f"param group {gi}: split_qkv must be a bool, got {group['split_qkv']!r}")
+        if "qkv_pieces" in group:
+            pieces = check_qkv_pieces(group["qkv_pieces"], f"param group {gi}: qkv_pieces")
+            if pieces == "qkv":
+                del group["qkv_pieces"]  # the default is recorded by its absence (older checkpoints lack the key)
+            elif group["rotation"] in ("svd", "eigen"):
+                raise ValueError(
+                    f"param group {gi}: qkv_pieces={pieces!r} is for the static scopes; rotation={group['rotation']!r} "
+                    "rotates every third of a fused QKV weight (put the weights to leave alone in a group of their own)"
+                )
+            elif not group["split_qkv"] and group["rotation"] not in ("none", "global"):
+                raise ValueError(
+                    f"param group {gi}: qkv_pieces={pieces!r} rotates some thirds of fused QKV weights; it needs "
+                    "split_qkv=True"
+                )
+            else:
+                group["qkv_pieces"] = pieces
+        _sharded.check_group(params, lambda i: _label(names, gi, i))
+        if "shard_mode" in group:
+            if group["shard_mode"] not in _sharded.SHARD_MODES:
+                raise ValueError(
+                    f"param group {gi}: shard_mode={group['shard_mode']!r} is not one of {_sharded.SHARD_MODES}"
+                )
+            if group["shard_mode"] == "local":
+                del group["shard_mode"]  # the default is recorded by its absence
+        if group["rotation"] in _sharded.LOCAL_SCOPES and group.get("shard_mode", "local") == "local":
+            layout = _sharded.shard_layout(params)
+            if layout:
+                group["shard_layout"] = layout
         group["shapes"] = [list(p.shape) for p in params]
         if group.get("frozen") is None:
             group["frozen"] = [isinstance(p, torch.nn.Parameter) and not p.requires_grad for p in params]
@@ -249,6 +288,7 @@ class RotatedOptimizerBase(Optimizer):
             frozen=group["frozen"],
             max_precond_dim=group.get("max_precond_dim", 10000),
             structure=group.get("structure", "haar"),
+            qkv_pieces=group.get("qkv_pieces", "qkv"),
         )
         return units
 
@@ -325,12 +365,56 @@ class RotatedOptimizerBase(Optimizer):
             return None
         absent = [i for i in touched if grads[i] is None]
         plan = GroupStep(gi, group, grads, active, list(touched), absent, empty)
+        if params and _sharded.is_dtensor(params[0]):
+            plan.extra["sharded"] = True
         if active:
             self._plan_backend(plan)
         return plan
 
     def _plan_backend(self, plan: GroupStep) -> None:
         """Subclasses pick (and check) the backend of a group's step here, before anything is mutated."""
+
+    # -- DTensor (FSDP2) params: see rotkern.optim._sharded ---------------------------------------------
+    def _shard_units(self, plan: GroupStep) -> tuple[list[Unit], list[Unit]]:
+        """(local units, gathered units) of a group of DTensors for this step's active units (cached)."""
+        key = tuple(id(u) for u in plan.units)
+        cached = self._shard_unit_cache.get(plan.gi)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        params = plan.group["params"]
+        local_shapes = [_sharded.local(p).shape for p in params]
+        local_units, gathered = _sharded.plan_units(plan.units, params, plan.group, local_shapes)
+        touched = set(plan.touched)
+        local_units = [u for u in local_units if any(i in touched for i in u.params)]
+        self._shard_unit_cache[plan.gi] = (key, (local_units, gathered))
+        return local_units, gathered
+
+    def _sharded_adamw(self, plan: GroupStep, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                       units, **kwargs) -> None:  # fmt: skip
+        """The step of a group of DTensors: local units on the local shards, gathered units on all-gathered full
+        tensors (each rank keeping its rows), in the functional step's signature."""
+        local_units, gathered = self._shard_units(plan)
+        lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+        loc = [None if xs is None else [_sharded.local(x) for x in xs] for xs in lists]
+        if local_units:
+            self._rotated_adamw(plan, *loc, state_steps, local_units, **kwargs)
+        if gathered:
+            members = list(dict.fromkeys(i for u in gathered for i in u.params))
+            full = [None if xs is None else [None] * len(params) for xs in lists]
+            for i in members:
+                for k, xs in enumerate(loc):
+                    if xs is not None:
+                        full[k][i] = _sharded.all_gather_rows(xs[i], params[i])
+            self._rotated_adamw(plan, *full, state_steps, gathered, **kwargs)
+            for i in members:
+                r0, r1 = _sharded.row_range(params[i])
+                for k in (0, 2, 3, 4):  # the param and its moments; the gathered grad is dropped
+                    if loc[k] is not None:
+                        loc[k][i].copy_(full[k][i][r0:r1])
+        stepped = {i for u in (*local_units, *gathered) for i in u.params}
+        for i in plan.touched:
+            if i not in stepped:  # an empty shard: counts the step, as every other rank's shard does
+                state_steps[i] += 1
 
     def _run_group(self, plan: GroupStep, extra_keys: tuple[str, ...] = ()) -> tuple[list, list, list] | None:
         """Create state, stage the tensors the backend needs, and return (params, grads, states) to step.
@@ -357,7 +441,7 @@ class RotatedOptimizerBase(Optimizer):
             if i in absent:
                 # Values are kept: the backend writes this member's update into a temporary that is dropped.
                 run_params[i] = p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
-                run_grads[i] = torch.zeros(p.shape, dtype=_absent_grad_dtype(plan, i, widen), device=p.device)
+                run_grads[i] = torch.zeros_like(p, dtype=_absent_grad_dtype(plan, i, widen))
                 continue
             if dtype != p.dtype or not p.is_contiguous():
                 run_params[i] = p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
@@ -420,7 +504,10 @@ class RotatedOptimizerBase(Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(p))
         for key in self._moment_keys + extra_keys:
             if key not in state:
-                state[key] = torch.zeros(p.shape, dtype=self.compute_dtype, device=p.device)
+                if _sharded.is_dtensor(p):  # sharded like the param (what torch.distributed.checkpoint saves)
+                    state[key] = torch.zeros_like(p, dtype=self.compute_dtype, memory_format=torch.contiguous_format)
+                else:
+                    state[key] = torch.zeros(p.shape, dtype=self.compute_dtype, device=p.device)
         return state
 
     # -- state_dict -----------------------------------------------------------------------------------

@@ -128,6 +128,11 @@ def read_format(state_dict: Mapping) -> int | None:
         )
     meta = state_dict.get("rotkern")
     if meta is None:
+        # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups": a rotated
+        # param's marker still says which format the state is in.
+        for st in state_dict["state"].values() if isinstance(state_dict["state"], Mapping) else ():
+            if isinstance(st, Mapping) and isinstance(st.get("step"), bytes) and st["step"].startswith(b"rotkern:"):
+                return FORMAT
         return None
     fmt = meta.get("format") if isinstance(meta, Mapping) else None
     if fmt not in READABLE_FORMATS:
@@ -202,6 +207,12 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
                 hint = (
                     "; frozen params are left out of the others' rotations (checkpoints of older rotkern versions "
                     "record none): pass the group option frozen=[...] as saved to load it"
+                )
+            if key == "shard_layout":
+                hint = (
+                    f"; rotation={g.get('rotation')!r} with shard_mode='local' rotates each rank's shard (rotkern."
+                    "optim._sharded), so its moments are tied to the world size it was saved with: resume with as "
+                    "many processes, or train with the group option shard_mode='gather' (exact, reshardable)"
                 )
             raise ValueError(
                 f"checkpoint mismatch in param group {gi}: {key} is {sg.get(key)!r} in the checkpoint but "

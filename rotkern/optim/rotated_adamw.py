@@ -208,7 +208,8 @@ class RotatedAdamW(RotatedOptimizerBase):
                     basis_change=group["basis_change"],
                     basis_stats=self.basis_stats,
                 )
-            self._rotated_adamw(
+            step_fn = self._sharded_adamw if plan.extra.get("sharded") else self._rotated_adamw
+            step_fn(
                 plan,
                 params,
                 grads,
