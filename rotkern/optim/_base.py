@@ -448,6 +448,9 @@ class RotatedOptimizerBase(Optimizer):
                 writeback.append((p, run_params[i]))
             if (i in widen and g.dtype != torch.float32) or not g.is_contiguous():
                 run_grads[i] = g.to(torch.float32 if i in widen else g.dtype, memory_format=torch.contiguous_format)
+            scale = getattr(self, "_grad_scale", None)
+            if scale is not None:  # GradScaler's scaled grads: unscaled copies, as torch's fused AdamW (fp32 division)
+                run_grads[i] = (run_grads[i].float() / scale.to(g.device)).to(run_grads[i].dtype)
         plan.extra["writeback"] = writeback
         return run_params, run_grads, states
 

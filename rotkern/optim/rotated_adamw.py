@@ -81,6 +81,10 @@ class RotatedAdamW(RotatedOptimizerBase):
     ``state_dict`` like the moments, so a run resumes bit-identically across a basis change.
     """
 
+    # torch.amp.GradScaler hands step() grad_scale and found_inf (and leaves the grads scaled), as to torch's fused
+    # AdamW: the step unscales copies of the grads and skips itself entirely when found_inf is set.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable,
@@ -190,6 +194,13 @@ class RotatedAdamW(RotatedOptimizerBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # torch.amp.GradScaler (this class sets _step_supports_amp_scaling): it leaves the grads scaled and hands
+        # over grad_scale (None once unscale_ ran) and found_inf; a step with an inf/NaN grad changes nothing.
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):  # one host read of a scalar (a sync on CUDA)
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        self._grad_scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32)
         for plan in self._plan_steps():
             group = plan.group
             run = self._run_group(plan, ("max_exp_avg_sq",) if group["amsgrad"] else ())
