@@ -105,9 +105,8 @@ def test_options_that_do_not_apply_are_not_shown(command, absent, present, capsy
     shown = set(re.findall(r"^  (--\w+)", capsys.readouterr().out, flags=re.M))
     assert not shown & set(absent) and set(present) <= shown
     if absent:
-        with pytest.raises(SystemExit) as exc:
-            main([command, f"{absent[0]}=x"])
-        assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+        assert main([command, f"{absent[0]}=x"]) == 2
+        assert f"{absent[0]}: this command sets it itself or does not use it" in capsys.readouterr().err
 
 
 def test_field_comments_read_the_source():

@@ -49,13 +49,14 @@ def add_config_args(parser: argparse.ArgumentParser, cfg_cls, *, suppress: bool 
     Each option's help is the field's comment in the config's source (the ``# ...`` after it, or the comment
     lines right above it), then its default: the dataclass is the one place an option is described.
     With ``suppress``, options left out do not appear in the namespace, so presets can fill them. Fields named
-    in the class's ``HIDDEN_OPTIONS`` (inherited settings the command does not use) get no option: they keep
-    their defaults, and argparse refuses them as unrecognized arguments.
+    in the class's ``HIDDEN_OPTIONS`` (inherited settings the command sets itself or does not use) are left out
+    of ``--help``; given anyway, :func:`config_from_args` refuses them with a message saying so.
     """
     comments = field_comments(cfg_cls)
     hidden = getattr(cfg_cls, "HIDDEN_OPTIONS", frozenset())
     for f in dataclasses.fields(cfg_cls):
         if f.name in hidden:
+            parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             continue
         kind = field_types(cfg_cls)[f.name]
         default = argparse.SUPPRESS if suppress else f.default
@@ -107,6 +108,13 @@ def field_comments(cfg_cls) -> dict[str, str]:
 
 def config_from_args(cfg_cls, args: argparse.Namespace, presets: dict[str, dict] | None = None):
     """Dataclass defaults, then the ``preset`` named on the command line (if any), then explicit options."""
+    hidden = sorted(k for k in getattr(cfg_cls, "HIDDEN_OPTIONS", ()) if hasattr(args, k))
+    if hidden:
+        names = ", ".join(f"--{k}" for k in hidden)
+        raise TrainerError(
+            f"{names}: this command sets {'it' if len(hidden) == 1 else 'them'} itself or does not use "
+            f"{'it' if len(hidden) == 1 else 'them'}; such options belong to train (see --help for this command's)"
+        )
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls) if hasattr(args, f.name)}
     values: dict[str, Any] = {}
     preset = given.get("preset", "")
