@@ -14,6 +14,16 @@ Besides scopes, ``--scopes`` takes the baseline optimizers of :data:`BASELINES` 
 Muon + AdamW, paper Alg 6; ``soap``: the eigen scope with SOAP's options; ``sgdm``: torch SGD with momentum), so
 e.g. ``--scopes adamw,global,svd,eigen,muon`` puts them side by side on the same batches.
 
+Variants and sweeps (the paper's ablations): ``--variants "none; output; output,embedding=as_linear;
+layer,rotate_only=v"`` runs entries with TrainConfig options of their own (:data:`VARIANT_KEYS`; the label is the
+entry as written, its folder a filesystem-safe form of it, ``layer__rotate_only-v``); ``--scopes`` is the list
+of variants without options. ``--sweep key=v1,v2,..`` crosses every entry with each value (Fig. 12:
+``--scopes none,global --sweep block_size=16,64,256,768``; B.2: ``--scopes none,global --sweep
+beta2=0.9,0.95,0.99``); an entry the swept option cannot change (rotation none and the baseline optimizers bar soap,
+under a rotation option) runs once and belongs to every value. Each value's runs are then measured against that
+value's baseline (slowdowns, 2-SE verdicts); summary.md opens with a value x entry table of the final loss and
+sweep.png plots it against the value with ±1 std error bars.
+
 Seeds: ``--seeds K`` runs every entry under seeds ``seed .. seed+K-1``, ``--seeds 0,3,7`` under those; a seed sets
 the model init, the batch order and the rotations. Each seed is measured on its own (its target is its own
 baseline run's final smoothed loss); the table then shows mean +- sample std over the seeds, and its footnote says
@@ -31,10 +41,12 @@ folder whose checkpoint or log holds other settings. Only the summary's options 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,8 +54,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..scopes import ALL_SCOPES
-from .common import TrainerError, ema
-from .train import TrainConfig, check_config, load_checkpoint, train
+from .common import TrainerError, _parse_bool, ema, field_types
+from .train import TrainConfig, check_config, load_checkpoint, parse_types, train
 
 BASELINES = ("adamw", "muon", "soap", "sgdm")
 MANIFEST = "compare.json"  # the command that filled an out_dir: a re-run must match it to resume there
@@ -82,6 +94,16 @@ class CompareConfig(TrainConfig):
     # comma-separated runs: rotation scopes (rotated AdamW, --optimizer) or baseline optimizers (adamw, muon, soap,
     # sgdm), one run each
     scopes: str = "none,output,input,layer,global"
+    # semicolon-separated runs, each "entry[,key=value...]": an entry of --scopes plus TrainConfig options of its
+    # own (keys: block_size structure embedding split_qkv vectors rotate_only rotate_except svd_every
+    # precondition_every shampoo_beta max_precond_dim basis_change precision lr min_lr warmup_steps beta1 beta2 eps
+    # weight_decay momentum grad_clip), e.g. "none; output; output,embedding=as_linear; layer,rotate_only=v"
+    # (a type list is q+k or q,k). Labels are the texts; replaces --scopes when given
+    variants: str = ""
+    # one option swept over values, crossed with every entry of --scopes (or --variants): "key=v1,v2,..", e.g.
+    # block_size=16,32,64 (Fig. 12) or beta2=0.9,0.95,0.99 (B.2). none and the baseline optimizers run once when
+    # the key is a rotation option they ignore. The table groups the runs by value; sweep.png: final loss vs value
+    sweep: str = ""
     # seeds per run: K (an integer >= 1) = seed, seed+1, .., seed+K-1; a comma list (0,3,7) = those seeds;
     # "" = --seed alone. Each seed sets the init, the batch order and the rotations; the table gives mean +- std
     seeds: str = ""
@@ -118,6 +140,172 @@ def parse_seeds(spec: str, seed: int) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise TrainerError(f"{where}: a seed is repeated; each seed runs once")
     return seeds
+
+
+# TrainConfig options a variant (or --sweep) may set per run; the others are the compare's own, shared by all runs.
+VARIANT_KEYS = (
+    "block_size", "structure", "embedding", "split_qkv", "vectors", "rotate_only", "rotate_except", "svd_every",
+    "precondition_every", "shampoo_beta", "max_precond_dim", "basis_change", "precision", "lr", "min_lr",
+    "warmup_steps", "beta1", "beta2", "eps", "weight_decay", "momentum", "grad_clip",
+)  # fmt: skip
+# Options that change nothing for rotation none and the baseline optimizers other than soap (a sweep over one of
+# them runs those entries once, shared by every value).
+ROTATION_KEYS = (
+    "block_size", "structure", "embedding", "split_qkv", "vectors", "rotate_only", "rotate_except", "svd_every",
+    "precondition_every", "shampoo_beta", "max_precond_dim", "basis_change",
+)  # fmt: skip
+_TYPE_LISTS = ("rotate_only", "rotate_except")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One entry of a compare: a scope (or baseline optimizer) and its own TrainConfig options.
+
+    label: what the table, plot and summary call it (the entry as written, normalised); folder: its run folder
+    under out_dir (the label made filesystem-safe; a plain scope keeps its name); sweep: (key, value) when --sweep
+    made it, None otherwise (and for an entry a sweep leaves alone: it belongs to every value)."""
+
+    label: str
+    scope: str
+    options: tuple[tuple[str, Any], ...] = ()
+    sweep: tuple[str, Any] | None = None
+
+    @property
+    def folder(self) -> str:
+        name = self.label.replace(",", "__").replace("=", "-")
+        return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+    def overrides(self) -> dict[str, Any]:
+        opt = {"optimizer": self.scope, "rotation": "none"} if self.scope in BASELINES else {"rotation": self.scope}
+        return {**opt, **dict(self.options)}
+
+
+def _value(key: str, raw: str, where: str) -> tuple[Any, str]:
+    """A variant option's typed value and its text in labels (type lists joined with '+')."""
+    kind = field_types(TrainConfig)[key]
+    raw = raw.strip()
+    if key in _TYPE_LISTS:
+        types = parse_types(raw)
+        if not types:
+            raise TrainerError(f"{where}: {key} needs a list of layer types (q+k or q,k)")
+        return ",".join(types), "+".join(types)
+    try:
+        value = _parse_bool(raw) if kind is bool else kind(raw)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise TrainerError(f"{where}: {key}={raw!r} is not a {kind.__name__}") from None
+    return value, raw
+
+
+def parse_variant(text: str) -> Variant:
+    """``scope[,key=value...]`` (see --variants). A piece without '=' continues the previous value, so a type list
+    may keep its commas (``layer,rotate_only=q,k``)."""
+    where = f"variant {text.strip()!r}"
+    pieces = [p.strip() for p in text.split(",")]
+    scope = pieces[0]
+    if scope not in ALL_SCOPES + BASELINES:
+        raise TrainerError(
+            f"{where}: {scope!r} is not a scope or baseline; choose from {', '.join(ALL_SCOPES + BASELINES)}"
+        )
+    raw: dict[str, str] = {}
+    last = None
+    for piece in pieces[1:]:
+        if "=" not in piece:
+            if last is None or not piece:
+                raise TrainerError(f"{where}: {piece!r} is not key=value (options follow the scope: scope,key=value)")
+            raw[last] += "," + piece
+            continue
+        key, value = (x.strip() for x in piece.split("=", 1))
+        if key not in VARIANT_KEYS:
+            hint = " (the scope comes first, without a key)" if key in ("rotation", "scope", "optimizer") else ""
+            raise TrainerError(f"{where}: {key!r} is not a per-run option{hint}; choose from {', '.join(VARIANT_KEYS)}")
+        if key in raw:
+            raise TrainerError(f"{where}: {key} is given twice")
+        raw[key], last = value, key
+    options, label = [], scope
+    for key, value in raw.items():
+        typed, shown = _value(key, value, where)
+        options.append((key, typed))
+        label += f",{key}={shown}"
+    return Variant(label, scope, tuple(options))
+
+
+def parse_sweep(spec: str) -> tuple[str, list[tuple[Any, str]]]:
+    """``--sweep key=v1,v2,..``: the key and its (typed value, text) pairs, in the order given."""
+    where = f"--sweep={spec!r}"
+    if "=" not in spec:
+        raise TrainerError(f"{where}: give key=v1,v2,.. (e.g. block_size=16,32,64 or beta2=0.9,0.95,0.99)")
+    key, values = (x.strip() for x in spec.split("=", 1))
+    if key not in VARIANT_KEYS:
+        raise TrainerError(f"{where}: {key!r} is not a per-run option; choose from {', '.join(VARIANT_KEYS)}")
+    if key in _TYPE_LISTS:
+        texts = [v.strip() for v in values.split(";") if v.strip()]  # one type list per value: q+k;v
+    else:
+        texts = [v.strip() for v in values.split(",") if v.strip()]
+    if not texts:
+        raise TrainerError(f"{where}: no values to sweep")
+    parsed = [_value(key, t, where) for t in texts]
+    if len({v for v, _ in parsed}) != len(parsed):
+        raise TrainerError(f"{where}: a value is repeated")
+    return key, parsed
+
+
+def compare_variants(cfg: CompareConfig) -> list[Variant]:
+    """The runs of a compare: --variants (or --scopes), crossed with --sweep; TrainerError naming the bad part."""
+    if cfg.variants.strip():
+        base = [parse_variant(v) for v in cfg.variants.split(";") if v.strip()]
+        what = f"--variants={cfg.variants!r}"
+    else:
+        scopes = [s.strip() for s in cfg.scopes.split(",") if s.strip()]
+        bad = [s for s in scopes if s not in ALL_SCOPES + BASELINES]
+        if not scopes or bad or len(set(scopes)) != len(scopes):
+            raise TrainerError(
+                f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty or repeated'}; choose from "
+                f"{', '.join(ALL_SCOPES + BASELINES)}"
+            )
+        base = [Variant(s, s) for s in scopes]
+        what = f"--scopes={cfg.scopes!r}"
+    if not base:
+        raise TrainerError(f"{what}: no runs")
+    out = base
+    if cfg.sweep.strip():
+        key, values = parse_sweep(cfg.sweep)
+        out = []
+        for value, text in values:
+            for v in base:
+                if any(k == key for k, _ in v.options):
+                    raise TrainerError(f"--sweep={cfg.sweep!r} sweeps {key}, which variant {v.label!r} sets itself")
+                if key in ROTATION_KEYS and v.scope in ("none", "adamw", "sgdm", "muon"):
+                    if v not in out:
+                        out.append(v)  # unaffected by the swept option: one run, in every value's group
+                    continue
+                out.append(Variant(f"{v.label},{key}={text}", v.scope, v.options + ((key, value),), (key, value)))
+    labels = [v.label for v in out]
+    if len(set(labels)) != len(labels):
+        raise TrainerError(
+            f"{what}: a run is repeated ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))})"
+        )
+    folders = [v.folder for v in out]
+    if len(set(folders)) != len(folders):
+        raise TrainerError(f"{what}: two runs map to one folder name ({', '.join(folders)}); write them differently")
+    return out
+
+
+def _sweep_groups(variants: list[Variant], cfg: CompareConfig) -> list[tuple[Any, list[str]]]:
+    """[(value, labels)] per swept value (entries the sweep leaves alone belong to every value); without a sweep,
+    one group [(None, every label)]."""
+    if not cfg.sweep.strip():
+        return [(None, [v.label for v in variants])]
+    _, values = parse_sweep(cfg.sweep)
+    return [(value, [v.label for v in variants if v.sweep is None or v.sweep[1] == value]) for value, _ in values]
+
+
+def _baseline_of(labels: list[str], variants: dict[str, Variant]) -> str:
+    """none (plain AdamW) when among the runs, else adamw, else the first."""
+    for scope in ("none", "adamw"):
+        hit = next((x for x in labels if variants[x].scope == scope), None)
+        if hit is not None:
+            return hit
+    return labels[0]
 
 
 def slowdowns(curves: dict[str, list[float]], baseline: str, decay: float) -> dict[str, dict]:
@@ -184,8 +372,13 @@ def vs_baseline(row: dict, base: dict, key: str) -> dict:
 # -- runs on disk ----------------------------------------------------------------------------------------
 
 
-def config_diff(saved: dict, now: dict, ignore: frozenset[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
-    """{key: (saved, now)} for every setting that differs (a key missing on one side shows as None there)."""
+def config_diff(
+    saved: dict, now: dict, ignore: frozenset[str] = frozenset(), defaults: dict | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, now)} for every setting that differs (a key missing on one side shows as None there). With
+    ``defaults``, a key the saved side lacks takes its default: settings added since were saved with their default
+    behaviour, so older runs and compares stay resumable."""
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     keys = sorted((saved.keys() | now.keys()) - ignore)
     return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
 
@@ -230,6 +423,9 @@ def read_log(path: Path, stop: int, eval_every: int) -> dict:
     }
 
 
+_TRAIN_DEFAULTS = dataclasses.asdict(TrainConfig())
+
+
 def run_state(run_cfg: TrainConfig) -> tuple[str, str]:
     """What to do with a run folder: ("done", "") when it holds this run finished, ("resume", checkpoint) when it
     holds a checkpoint of it short of the stop step, ("fresh", "") otherwise (leftovers of an attempt that saved
@@ -240,13 +436,13 @@ def run_state(run_cfg: TrainConfig) -> tuple[str, str]:
     stop = run_cfg.stop_step or run_cfg.steps
     log = read_log(log_path, stop, run_cfg.eval_every) if log_path.exists() else None
     for saved in log["headers"] if log else []:
-        diff = config_diff(saved, now, RUN_ONLY)
+        diff = config_diff(saved, now, RUN_ONLY, _TRAIN_DEFAULTS)
         if diff:
             raise TrainerError(f"{log_path} is a run with other settings ({_describe(diff)}); pick another --out_dir")
     ckpt_step = None
     if ckpt_path.exists():
         ckpt = load_checkpoint(str(ckpt_path))
-        diff = config_diff(ckpt["config"], now, RUN_ONLY)
+        diff = config_diff(ckpt["config"], now, RUN_ONLY, _TRAIN_DEFAULTS)
         if diff:
             raise TrainerError(f"{ckpt_path} is a run with other settings ({_describe(diff)}); pick another --out_dir")
         ckpt_step = int(ckpt["step"])
@@ -273,7 +469,8 @@ def _check_manifest(out: Path, cfg: CompareConfig, seeds: list[int]) -> None:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise TrainerError(f"cannot read {path} ({e}); pick another --out_dir") from None
-        diff = config_diff({**saved.get("config", {}), "seeds": saved.get("seeds")}, now, SUMMARY_ONLY)
+        defaults = dataclasses.asdict(CompareConfig())
+        diff = config_diff({**saved.get("config", {}), "seeds": saved.get("seeds")}, now, SUMMARY_ONLY, defaults)
         # A command that failed before any run wrote a log (a bad --data path, say) binds nothing: replace it.
         if diff and any(out.rglob("log.jsonl")):
             raise TrainerError(
@@ -301,14 +498,10 @@ def _write_manifest(out: Path, cfg: CompareConfig, seeds: list[int]) -> None:
 
 
 def compare(cfg: CompareConfig) -> dict:
-    scopes = [s.strip() for s in cfg.scopes.split(",") if s.strip()]
-    bad = [s for s in scopes if s not in ALL_SCOPES + BASELINES]
-    if not scopes or bad or len(set(scopes)) != len(scopes):
-        raise TrainerError(
-            f"--scopes={cfg.scopes!r}: {', '.join(bad) or 'empty or repeated'}; choose from "
-            f"{', '.join(ALL_SCOPES + BASELINES)}"
-        )
-    if any(s in ALL_SCOPES for s in scopes) and cfg.optimizer not in ("rotated-eager", "rotated-fused"):
+    variants = compare_variants(cfg)
+    by_label = {v.label: v for v in variants}
+    labels = list(by_label)
+    if any(v.scope in ALL_SCOPES for v in variants) and cfg.optimizer not in ("rotated-eager", "rotated-fused"):
         raise TrainerError(f"compare runs rotated AdamW under each scope; --optimizer={cfg.optimizer} has no scope")
     if cfg.switch_at or cfg.switch_to:
         raise TrainerError(
@@ -330,25 +523,30 @@ def compare(cfg: CompareConfig) -> dict:
     # Seeds outermost: a compare interrupted half-way has whole seeds (every entry side by side) to show.
     jobs = []
     for seed in seeds:
-        for scope in scopes:
-            folder = out / scope if len(seeds) == 1 else out / scope / f"seed{seed}"
-            opt = {"optimizer": scope, "rotation": "none"} if scope in BASELINES else {"rotation": scope}
-            jobs.append((seed, scope, dataclasses.replace(base, **opt, seed=seed, out_dir=str(folder), resume="")))
-            check_config(jobs[-1][2])  # a bad option fails here, before compare.json records the command
+        for v in variants:
+            folder = out / v.folder if len(seeds) == 1 else out / v.folder / f"seed{seed}"
+            run_cfg = dataclasses.replace(base, **v.overrides(), seed=seed, out_dir=str(folder), resume="")
+            try:
+                check_config(run_cfg)  # a bad option fails here, before compare.json records the command
+            except TrainerError as e:
+                raise TrainerError(f"{v.label}: {e}" if v.options else str(e)) from None
+            jobs.append((seed, v.label, run_cfg))
     _check_manifest(out, cfg, seeds)
     # Every run folder is checked before compare.json records this command, so a refused command leaves the
     # out_dir as it found it (bar the leftovers of unfinished runs of this very command).
     states = [run_state(run_cfg) for _, _, run_cfg in jobs]
     _write_manifest(out, cfg, seeds)
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    kinds = "scopes" if all(not v.options for v in variants) else "runs"
     print(
-        f"compare: {cfg.model}, {stop} steps x {len(scopes)} scopes ({', '.join(scopes)}), "
+        f"compare: {cfg.model}, {stop} steps x {len(labels)} {kinds} ({'; '.join(labels)}), "
         f"{cfg.optimizer}, block {cfg.block_size}, {seed_text}; results in {out}"
     )
+    width = max(6, *(len(x) for x in labels)) if kinds == "runs" else 6
     runs: dict[tuple[str, int], dict] = {}
-    for i, ((seed, scope, run_cfg), (state, ckpt)) in enumerate(zip(jobs, states, strict=True)):
+    for i, ((seed, label, run_cfg), (state, ckpt)) in enumerate(zip(jobs, states, strict=True)):
         folder = Path(run_cfg.out_dir)
-        tag = f"[{i + 1}/{len(jobs)} {scope:>6}" + (f" seed {seed}]" if len(seeds) > 1 else "]")
+        tag = f"[{i + 1}/{len(jobs)} {label:>{width}}" + (f" seed {seed}]" if len(seeds) > 1 else "]")
         if state != "done":
             t0 = time.perf_counter()
             every = max(stop // 10, 1)
@@ -372,37 +570,90 @@ def compare(cfg: CompareConfig) -> dict:
             raise TrainerError(f"{folder / 'log.jsonl'} does not hold steps 1..{stop} and a final record")
         if state == "done":
             print(f"  {tag} finished earlier in {folder}: loss {log['curve'][-1]:.4f}", flush=True)
-        runs[scope, seed] = {"dir": str(folder.relative_to(out)), **log}
-    baseline = "none" if "none" in scopes else "adamw" if "adamw" in scopes else scopes[0]
+        runs[label, seed] = {"dir": str(folder.relative_to(out)), **log}
+    groups = []
+    for value, members in _sweep_groups(variants, cfg):
+        groups.append({"value": value, **_summarise(cfg, runs, members, by_label, seeds)})
+    per_seed = [r for g in groups for r in g.pop("per_seed")]
+    per_seed = list({(r["scope"], r["seed"]): r for r in per_seed}.values())  # shared entries: once
+    if cfg.sweep.strip():
+        key, _ = parse_sweep(cfg.sweep)
+        table = _sweep_table(cfg, key, groups, seeds)
+        for g in groups:
+            for row in g["rows"]:
+                row["sweep_value"] = g["value"]
+        rows = [row for g in groups for row in g["rows"]]
+        target = None
+    else:
+        key, (group,) = None, groups
+        rows, target = group["rows"], group["target"]
+        table = _table(rows, target, cfg, seeds)
+    curves = {x: _mean_curve([runs[x, seed]["curve"] for seed in seeds])[0] for x in labels}
+    # Say what ran the steps: on a CPU the fused optimizer runs the compiled extension when it is built, else the
+    # eager reference (and the two are checked against each other by validate).
+    backends = sorted({str(runs[k].get("backend")) for k in runs if runs[k].get("backend")})
+    if backends:
+        table += "\n\nOptimizer steps ran on: " + "; ".join(backends) + "."
+    print(table)
+    (out / "summary.md").write_text(table + "\n")
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "seeds": seeds,
+        "rows": rows,  # one per entry (per swept value and entry with --sweep), aggregated over the seeds
+        "target": target,
+        "curves": curves,  # per entry: the raw train loss averaged over the seeds, step by step
+        "evals": {x: _mean_evals([runs[x, seed]["evals"] for seed in seeds]) for x in labels},
+        "runs": per_seed,  # every (entry, seed) run: its folder, curve, evals and row
+    }
+    if key is not None:
+        result["sweep"] = {"key": key, "groups": groups}
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    if cfg.plot:
+        result["plot"] = _plot(cfg, runs, labels, seeds, out / "compare.png")
+        if result["plot"]:
+            print(f"loss curves: {result['plot']}")
+        if key is not None:
+            result["sweep_plot"] = _sweep_plot(cfg, key, groups, by_label, seeds, out / "sweep.png")
+            if result["sweep_plot"]:
+                print(f"sweep: {result['sweep_plot']}")
+    return result
+
+
+def _summarise(
+    cfg: CompareConfig, runs: dict, labels: list[str], by_label: dict[str, Variant], seeds: list[int]
+) -> dict:
+    """Rows (aggregated over the seeds, with 2-SE verdicts against the baseline), target and per-seed rows of a
+    set of entries measured against one baseline (every entry of a compare, or one swept value's)."""
+    baseline = _baseline_of(labels, by_label)
     per_seed, targets = [], {}
     for seed in seeds:
-        slow = slowdowns({s: runs[s, seed]["curve"] for s in scopes}, baseline, cfg.ema)
+        slow = slowdowns({x: runs[x, seed]["curve"] for x in labels}, baseline, cfg.ema)
         targets[str(seed)] = slow["_target"]
-        for scope in scopes:
-            run = runs[scope, seed]
+        for label in labels:
+            run = runs[label, seed]
             ev = run["evals"][-1] if run["evals"] else {}
             per_seed.append(
                 {
-                    "scope": scope,
+                    "scope": label,
                     "seed": seed,
                     "dir": run["dir"],
                     "curve": run["curve"],
                     "evals": run["evals"],
                     "row": {
-                        "scope": scope,
+                        "scope": label,
                         "seed": seed,
                         "final_train_loss": run["curve"][-1],
-                        "smoothed_train_loss": slow[scope]["smoothed_final_loss"],
+                        "smoothed_train_loss": slow[label]["smoothed_final_loss"],
                         "final_val_loss": ev.get("val_loss"),
                         "final_val_acc": ev.get("val_acc"),
-                        "steps_to_target": slow[scope]["steps_to_target"],
-                        "slowdown_pct": slow[scope]["slowdown_pct"],
-                        "equivalent_slowdown_pct": slow[scope]["equivalent_slowdown_pct"],
+                        "steps_to_target": slow[label]["steps_to_target"],
+                        "slowdown_pct": slow[label]["slowdown_pct"],
+                        "equivalent_slowdown_pct": slow[label]["equivalent_slowdown_pct"],
                     },
                 }
             )
-    rows = [aggregate(scope, [r["row"] for r in per_seed if r["scope"] == scope]) for scope in scopes]
-    base_row = rows[scopes.index(baseline)]
+    rows = [aggregate(x, [r["row"] for r in per_seed if r["scope"] == x]) for x in labels]
+    base_row = rows[labels.index(baseline)]
     for row in rows:
         if row["scope"] != baseline:
             row["vs_baseline"] = {key: vs_baseline(row, base_row, key) for key, _, _ in JUDGED}
@@ -414,30 +665,7 @@ def compare(cfg: CompareConfig) -> dict:
         "baseline_steps": mean_std([t["baseline_steps"] for t in targets.values()])[0],
         "per_seed": targets,
     }
-    curves = {s: _mean_curve([runs[s, seed]["curve"] for seed in seeds])[0] for s in scopes}
-    table = _table(rows, target, cfg, seeds)
-    # Say what ran the steps: on a CPU the fused optimizer runs the compiled extension when it is built, else the
-    # eager reference (and the two are checked against each other by validate).
-    backends = sorted({str(runs[k].get("backend")) for k in runs if runs[k].get("backend")})
-    if backends:
-        table += "\n\nOptimizer steps ran on: " + "; ".join(backends) + "."
-    print(table)
-    (out / "summary.md").write_text(table + "\n")
-    result = {
-        "config": dataclasses.asdict(cfg),
-        "seeds": seeds,
-        "rows": rows,  # one per entry of --scopes, aggregated over the seeds
-        "target": target,
-        "curves": curves,  # per entry: the raw train loss averaged over the seeds, step by step
-        "evals": {s: _mean_evals([runs[s, seed]["evals"] for seed in seeds]) for s in scopes},
-        "runs": per_seed,  # every (entry, seed) run: its folder, curve, evals and row
-    }
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
-    if cfg.plot:
-        result["plot"] = _plot(cfg, runs, scopes, seeds, out / "compare.png")
-        if result["plot"]:
-            print(f"loss curves: {result['plot']}")
-    return result
+    return {"baseline": baseline, "rows": rows, "target": target, "per_seed": per_seed}
 
 
 def _mean_curve(curves: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -610,9 +838,115 @@ def _plot(cfg: CompareConfig, runs: dict, scopes: list[str], seeds: list[int], p
     for ax in axes[0]:
         ax.legend()
         ax.grid(alpha=0.3)
-    what = "AdamW under rotation scopes" if all(s in ALL_SCOPES for s in scopes) else "rotation scopes and baselines"
+    plain = all(s.split(",")[0] in ALL_SCOPES for s in scopes)
+    what = "AdamW under rotation scopes" if plain else "rotation scopes and baselines"
     seed_text = f"seed {seeds[0]}" if not many else f"{len(seeds)} seeds: {', '.join(map(str, seeds))}"
     fig.suptitle(f"{cfg.model}: {what} (block {cfg.block_size}, {seed_text})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# -- sweeps ------------------------------------------------------------------------------------------------
+
+
+def _metric(rows: list[dict]) -> tuple[str, str]:
+    """The sweep's headline: the final val loss where the runs evaluate, else the EMA train loss."""
+    if all(r["final_val_loss"] is not None for r in rows):
+        return "final_val_loss", "final val loss"
+    return "smoothed_train_loss", "EMA train loss"
+
+
+def _entry_name(label: str, key: str) -> str:
+    """A swept run's entry without the swept option (``global,block_size=64`` -> ``global``)."""
+    return re.sub(rf",{re.escape(key)}=[^,]*$", "", label)
+
+
+def _sweep_table(cfg: CompareConfig, key: str, groups: list[dict], seeds: list[int]) -> str:
+    """One line per swept value, one column per entry (the headline loss, mean ± std, with its difference from the
+    value's baseline and the 2-SE verdict), then each value's full table."""
+    rows = [r for g in groups for r in g["rows"]]
+    field, what = _metric(rows)
+    entries = list(dict.fromkeys(_entry_name(r["scope"], key) for r in rows))
+    head = f"| {key} | " + " | ".join(entries) + " |"
+    lines = [
+        f"Sweep of {key}: {what} at the last step, mean ± sample std over n = {len(seeds)} seeds "
+        f"({', '.join(map(str, seeds))}); Δ = difference from that value's baseline, with the 2-SE verdict "
+        "('larger' = |Δ| > 2 SE; see below).",
+        "",
+        head,
+        "|" + "---|" * (len(entries) + 1),
+    ]
+    for g in groups:
+        cells = {}
+        for r in g["rows"]:
+            cell = _pm(r, field)
+            v = r.get("vs_baseline", {}).get(field)
+            if v is not None and v["diff"] is not None:
+                cell += f"; Δ {v['diff']:+.4f} ({v['verdict']})"
+            cells[_entry_name(r["scope"], key)] = cell
+        lines.append(f"| {g['value']} | " + " | ".join(cells.get(e, "—") for e in entries) + " |")
+    out = "\n".join(lines)
+    for g in groups:
+        out += f"\n\n### {key} = {g['value']} (baseline: {g['baseline']})\n\n" + _table(
+            g["rows"], g["target"], cfg, seeds
+        )
+    return out
+
+
+def _sweep_plot(
+    cfg: CompareConfig, key: str, groups: list[dict], by_label: dict[str, Variant], seeds: list[int], path: Path
+) -> str | None:
+    """Headline loss against the swept value, one line per entry, ±1 std error bars over the seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; no sweep plot (pip install matplotlib)")
+        return None
+    rows = [r for g in groups for r in g["rows"]]
+    field, what = _metric(rows)
+    values = [g["value"] for g in groups]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = values if numeric else list(range(len(values)))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for entry in dict.fromkeys(_entry_name(r["scope"], key) for r in rows):
+        pts = [
+            (x, r[field], r[f"{field}_std"] or 0.0)
+            for x, g in zip(xs, groups, strict=True)
+            for r in g["rows"]
+            if _entry_name(r["scope"], key) == entry and r[field] is not None
+        ]
+        shared = all(
+            by_label[r["scope"]].sweep is None
+            for g in groups
+            for r in g["rows"]
+            if _entry_name(r["scope"], key) == entry
+        )
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[p[2] for p in pts] if len(seeds) > 1 else None,
+            fmt="--" if shared else "o-",
+            capsize=3,
+            label=entry + (f" (independent of {key})" if shared else ""),
+        )
+    if numeric and key == "block_size":
+        ax.set_xscale("log", base=2)
+    if numeric:
+        ax.set_xticks(values)
+        ax.set_xticklabels([str(v) for v in values])
+    else:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(v) for v in values])
+    band = f", mean ± 1 std over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    ax.set(xlabel=key, ylabel=f"{what} at step {cfg.stop_step or cfg.steps}{band}")
+    ax.set_title(f"{cfg.model}: {what} vs {key}")
+    ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

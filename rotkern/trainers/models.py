@@ -13,6 +13,7 @@ turned FlashAttention off [N B.2]. ``attention=`` picks another backend (``auto`
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -339,6 +340,75 @@ MODELS: dict[str, GPTConfig | ViTConfig | ResNetConfig] = {
     "resnet18": ResNetConfig(block="basic", layers="2,2,2,2"),
     "resnet-tiny": ResNetConfig(block="basic", layers="1,1,1", width=16, num_classes=10, stem="small", image_size=8),
 }
+
+
+# -- layer types (paper C.2's per-type ablation) ------------------------------------------------------------
+
+# Every layer type a model may define, in the paper's order (C.2: Q, K, V, attention output, MLP in, MLP out,
+# embedding), then the types the paper's GPT-2 ablation has no row for.
+LAYER_TYPES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out", "embedding", "norm", "conv", "head")
+QKV_TYPES = ("q", "k", "v")
+
+# Per model class: (regex searched in the parameter name, its types), first match wins. A bias has its layer's
+# type. A fused QKV weight has the three types q, k, v: its thirds along dim 0 (role qkv in rotkern.scopes).
+# GPT's lm_head is tied to wte, so the one tensor is `embedding` (GPT defines no `head`); wpe is `embedding` too.
+# SimpleViT's patch projection is its `embedding`; its FeedForward is (LayerNorm, Linear, GELU, Linear).
+LAYER_TYPE_PATTERNS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "GPT": (
+        (r"(^|\.)(wte|wpe|lm_head)\.", ("embedding",)),
+        (r"(^|\.)ln_(\d+|f)\.", ("norm",)),
+        (r"\.attn\.c_attn\.", QKV_TYPES),
+        (r"\.attn\.c_proj\.", ("attn_out",)),
+        (r"\.mlp\.c_fc\.", ("mlp_in",)),
+        (r"\.mlp\.c_proj\.", ("mlp_out",)),
+    ),
+    "SimpleViT": (
+        (r"(^|\.)patch_proj\.", ("embedding",)),
+        (r"(^|\.)(patch_norm|embed_norm|norm)\.", ("norm",)),
+        (r"\.to_qkv\.", QKV_TYPES),
+        (r"\.to_out\.", ("attn_out",)),
+        (r"\.\d+\.1\.0\.", ("norm",)),
+        (r"\.\d+\.1\.1\.", ("mlp_in",)),
+        (r"\.\d+\.1\.3\.", ("mlp_out",)),
+        (r"(^|\.)linear_head\.", ("head",)),
+    ),
+    "ResNet": (
+        (r"(^|\.)(conv\d+|downsample\.0)\.", ("conv",)),
+        (r"(^|\.)(bn\d+|downsample\.1)\.", ("norm",)),
+        (r"(^|\.)fc\.", ("head",)),
+    ),
+}
+
+
+def layer_types(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Parameter name (``named_parameters()``, trainable ones) -> its layer types (three for a fused QKV weight).
+
+    ValueError for a model class without patterns or a parameter no pattern matches."""
+    import re
+
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    patterns = LAYER_TYPE_PATTERNS.get(type(model).__name__)
+    if patterns is None:
+        raise ValueError(f"no layer types are defined for {type(model).__name__} (models.LAYER_TYPE_PATTERNS)")
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        types = next((t for pat, t in patterns if re.search(pat, name)), None)
+        if types is None:
+            raise ValueError(f"parameter {name!r} of {type(model).__name__} matches no layer type pattern")
+        out[name] = types
+    return out
+
+
+@functools.cache
+def model_layer_types(name: str) -> tuple[str, ...]:
+    """The layer types a model preset defines, in LAYER_TYPES order (the model is built on the meta device)."""
+    with torch.device("meta"):
+        model = build_model(MODELS[name])
+    found = {t for types in layer_types(model).values() for t in types}
+    return tuple(t for t in LAYER_TYPES if t in found)
 
 
 def model_kind(name: str) -> str:

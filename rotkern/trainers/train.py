@@ -32,7 +32,7 @@ from torch import nn
 
 from ..bases import BASIS_CHANGES
 from ..rotations import STRUCTURES
-from ..scopes import ALL_SCOPES, param_groups_for
+from ..scopes import ALL_SCOPES, DYNAMIC_SCOPES, EMBEDDING_ORIENTATIONS, VECTOR_POLICIES, param_groups_for
 from .common import JsonlLog, TrainerError, atomic_save, header
 from .data import (
     BatchLoader,
@@ -44,7 +44,17 @@ from .data import (
     train_loader,
     worker_failure,
 )
-from .models import ATTENTION_BACKENDS, MODELS, GPTConfig, build_model, model_config, model_kind
+from .models import (
+    ATTENTION_BACKENDS,
+    MODELS,
+    QKV_TYPES,
+    GPTConfig,
+    build_model,
+    layer_types,
+    model_config,
+    model_kind,
+    model_layer_types,
+)
 
 OPTIMIZERS = ("adamw", "rotated-eager", "rotated-fused", "sgdm", "rotated-sgdm", "muon", "soap")
 SWITCH_STATES = ("convert", "reset")
@@ -70,6 +80,19 @@ class TrainConfig:
     rotation: str = "global"  # none | global | layer | output | input | svd | eigen
     block_size: int = 768  # Haar block size n (the paper's)
     structure: str = "haar"  # rotation blocks: haar (the paper's) | hadamard (randomized Walsh-Hadamard; 2^k blocks)
+    # embedding orientation: transposed (paper B.1: the (vocab, dim) table is transposed before rotating, so
+    # output-wise rotates each length-vocab column, one per embedding dimension) | as_linear (C.2's "within
+    # weights of a same token": output-wise rotates each token's row, as for the tied lm_head)
+    embedding: str = "transposed"
+    split_qkv: bool = True  # rotate the q, k, v thirds of a fused QKV weight as separate layers (paper B.1)
+    # 1-D params (norm weights, biases): auto (join the global vector, their own vector under layer, unrotated
+    # under output / input) | rotate (also rotated under output / input) | none (never rotated)
+    vectors: str = "auto"
+    # rotate only these layer types (comma or + list), the others step as plain AdamW in the same optimizer
+    # (paper C.2): q, k, v, attn_out, mlp_in, mlp_out, embedding, norm, conv, head, as the model defines them
+    # (gpt: no head, its lm_head is the tied embedding; resnet: conv, norm, head); "" = every type
+    rotate_only: str = ""
+    rotate_except: str = ""  # rotate every layer type but these (comma or + list, types as --rotate_only)
     svd_every: int = 250  # rotation=svd: steps between SVD basis recomputes (F; the paper's 250)
     precondition_every: int = 10  # rotation=eigen / soap: steps between eigenbasis refreshes (SOAP's 10)
     shampoo_beta: float = 0.95  # rotation=eigen / soap: EMA coefficient of G G^T and G^T G (SOAP's)
@@ -176,6 +199,8 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         "switch_state": SWITCH_STATES,
         "basis_change": ("auto", *BASIS_CHANGES),
         "structure": STRUCTURES,
+        "embedding": EMBEDDING_ORIENTATIONS,
+        "vectors": VECTOR_POLICIES,
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -190,6 +215,51 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.workers < -1 or cfg.prefetch < 1:
         raise TrainerError(f"--workers={cfg.workers} must be >= -1 and --prefetch={cfg.prefetch} >= 1")
     check_switch(cfg)
+    rotated_types(cfg)
+
+
+# Optimizers whose param groups carry a rotation, so that --rotate_only / --rotate_except can restrict it.
+RESTRICTABLE = ("rotated-eager", "rotated-fused", "rotated-sgdm")
+
+
+def parse_types(text: str) -> list[str]:
+    """A --rotate_only / --rotate_except list: layer types separated by commas or '+', in the order given."""
+    return list(dict.fromkeys(t.strip() for t in text.replace("+", ",").split(",") if t.strip()))
+
+
+def rotated_types(cfg: TrainConfig) -> tuple[str, ...] | None:
+    """The layer types --rotate_only / --rotate_except leave rotated (in models.LAYER_TYPES order), or None when
+    neither is given (every parameter rotated). TrainerError for a bad combination or a type the model lacks."""
+    only, exclude = parse_types(cfg.rotate_only), parse_types(cfg.rotate_except)
+    if not only and not exclude:
+        return None
+    flag = "--rotate_only" if only else "--rotate_except"
+    if only and exclude:
+        raise TrainerError("--rotate_only and --rotate_except exclude each other; give one of them")
+    if cfg.optimizer not in RESTRICTABLE:
+        raise TrainerError(f"{flag} restricts a rotation: it needs --optimizer one of {', '.join(RESTRICTABLE)}")
+    if cfg.rotation == "none":
+        raise TrainerError(f"{flag} restricts a rotation; --rotation=none rotates nothing")
+    valid = model_layer_types(cfg.model)
+    bad = [t for t in only + exclude if t not in valid]
+    if bad:
+        raise TrainerError(
+            f"{flag}={cfg.rotate_only or cfg.rotate_except!r}: {', '.join(map(repr, bad))} is not a layer type of "
+            f"{cfg.model}; choose from {', '.join(valid)}"
+        )
+    keep = tuple(t for t in valid if t in only) if only else tuple(t for t in valid if t not in exclude)
+    if not keep:
+        raise TrainerError(f"{flag}={cfg.rotate_except!r} leaves no layer type of {cfg.model} rotated")
+    qkv = [t for t in QKV_TYPES if t in valid]
+    partial = qkv and 0 < sum(t in keep for t in qkv) < len(qkv)
+    if partial and cfg.rotation in DYNAMIC_SCOPES:
+        raise TrainerError(
+            f"{flag} rotates some of q, k, v, which share one fused weight; --rotation={cfg.rotation} rotates whole "
+            "matrices (select all of q, k, v or none of them)"
+        )
+    if partial and not cfg.split_qkv and cfg.rotation != "global":
+        raise TrainerError(f"{flag} rotates some of q, k, v of the fused QKV weight: it needs --split_qkv=true")
+    return keep
 
 
 def check_switch(cfg: TrainConfig) -> None:
@@ -367,12 +437,43 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
     """nanoGPT's decay rule (>= 2-D decayed): one group with a decay mask for the rotated optimizers (a global
     rotation spans every parameter), two groups for torch's."""
     if cfg.optimizer.startswith("rotated") or cfg.optimizer == "soap":
-        return param_groups_for(model, weight_decay=cfg.weight_decay)
+        groups = param_groups_for(model, weight_decay=cfg.weight_decay)
+        keep = rotated_types(cfg)
+        return groups if keep is None else restrict_rotation(groups, model, keep)
     params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def restrict_rotation(groups: list[dict], model: nn.Module, keep: tuple[str, ...]) -> list[dict]:
+    """Split param groups for --rotate_only / --rotate_except: the parameters of the kept layer types stay in their
+    group (the optimizer's scope), the others move to a twin group with ``rotation="none"`` (plain AdamW, same
+    optimizer). A fused QKV weight whose thirds are only partly kept stays rotated with the group option
+    ``qkv_pieces`` naming the kept thirds (the others step as AdamW)."""
+    types = layer_types(model)
+    out = []
+    for g in groups:
+        per_param = {k: g[k] for k in ("params", "names", "roles", "decay_mask") if g.get(k) is not None}
+        rotated: dict[str, list] = {k: [] for k in per_param}
+        plain: dict[str, list] = {k: [] for k in per_param}
+        pieces = set()
+        for i, name in enumerate(g["names"]):
+            kept = [t for t in types[name] if t in keep]
+            if kept and set(types[name]) <= set(QKV_TYPES) and len(kept) < len(types[name]):
+                pieces.add("".join(t for t in QKV_TYPES if t in kept))
+            for k, values in per_param.items():
+                (rotated if kept else plain)[k].append(values[i])
+        extra = {k: v for k, v in g.items() if k not in per_param}
+        if pieces:
+            (only,) = pieces  # one selection for every fused QKV weight
+            extra["qkv_pieces"] = only
+        if rotated["params"]:
+            out.append({**extra, **rotated})
+        if plain["params"]:
+            out.append({**{k: v for k, v in extra.items() if k != "qkv_pieces"}, **plain, "rotation": "none"})
+    return out
 
 
 def fused_class():
@@ -408,6 +509,9 @@ def make_optimizer(
         block_size=cfg.block_size,
         seed=cfg.seed,
         structure=cfg.structure,
+        split_qkv=cfg.split_qkv,
+        embedding=cfg.embedding,
+        vectors=cfg.vectors,
         svd_every=cfg.svd_every,
         precondition_every=cfg.precondition_every,
         shampoo_beta=cfg.shampoo_beta,
@@ -422,7 +526,9 @@ def make_optimizer(
 
         if cfg.rotation in ("svd", "eigen"):
             raise TrainerError(f"--optimizer=rotated-sgdm runs the static scopes; --rotation={cfg.rotation} is AdamW's")
-        sgd_rot = {k: rot[k] for k in ("rotation", "block_size", "seed", "structure")}
+        sgd_rot = {
+            k: rot[k] for k in ("rotation", "block_size", "seed", "structure", "split_qkv", "embedding", "vectors")
+        }
         return RotatedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, compute_dtype=compute_dtype, **sgd_rot)
     if name == "rotated-eager":
         from ..optim import RotatedAdamW
@@ -722,7 +828,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
     if main and cfg.print_every:
         print(f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {s.data.description}")
         print(
-            f"       {cfg.optimizer} rotation={cfg.rotation} block={cfg.block_size} seed={cfg.seed} "
+            f"       {cfg.optimizer} rotation={cfg.rotation}{_restriction(cfg)} block={cfg.block_size} seed={cfg.seed} "
             f"device={s.device} world={world} steps {start}->{stop} of {cfg.steps}; log {log_path}"
         )
         if cfg.switch_at:
@@ -820,6 +926,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
         "log": str(log_path) if log_path else None,
         "checkpoint": str(ckpt_path) if save else None,
     }
+
+
+def _restriction(cfg: TrainConfig) -> str:
+    """The console's note of the rotation options that differ from the defaults (rotate_only=v, ...)."""
+    keys = ("embedding", "split_qkv", "vectors", "rotate_only", "rotate_except")
+    return "".join(f" {k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(TrainConfig, k))
 
 
 @torch.no_grad()
