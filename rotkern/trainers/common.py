@@ -61,10 +61,12 @@ def add_config_args(parser: argparse.ArgumentParser, cfg_cls, *, suppress: bool 
         kind = field_types(cfg_cls)[f.name]
         default = argparse.SUPPRESS if suppress else f.default
         text = comments.get(f.name, "")
+        flag = {"nargs": "?", "const": True} if kind is bool else {}  # a bare --fsdp means --fsdp=true
         parser.add_argument(
             f"--{f.name}",
             type=_parse_bool if kind is bool else kind,
             default=default,
+            **flag,
             metavar=kind.__name__.upper(),
             help=f"{text} (default {f.default!r})" if text else f"default {f.default!r}",
         )

@@ -120,6 +120,12 @@ class TrainConfig:
     batch_size: int = 16  # micro-batch per process
     grad_accum: int = 1  # micro-batches per step over all processes (nanoGPT's); a multiple of the world size
     bf16: bool = False  # bf16 autocast for forward and backward; the optimizer stays fp32
+    # shard params, grads and optimizer state over the torchrun processes with FSDP2 (fully_shard; needs >= 2
+    # processes; rotkern.trainers.fsdp); checkpoints through torch.distributed.checkpoint (a ckpt_dcp/ folder)
+    fsdp: bool = False
+    # --fsdp: input / layer / global units that span shards: local (each rank's shard rotated on its own; tied to
+    # the world size) | gather (all-gathered: exact, 4 all-gathers of the params per step)
+    shard_mode: str = "local"
     tf32: bool = False  # allow TF32 matmuls on CUDA (would also touch the eager optimizer's rotations)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # model init, batches and rotations
@@ -201,6 +207,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         "structure": STRUCTURES,
         "embedding": EMBEDDING_ORIENTATIONS,
         "vectors": VECTOR_POLICIES,
+        "shard_mode": ("local", "gather"),
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -216,6 +223,17 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         raise TrainerError(f"--workers={cfg.workers} must be >= -1 and --prefetch={cfg.prefetch} >= 1")
     check_switch(cfg)
     rotated_types(cfg)
+    if cfg.fsdp:
+        if world < 2:
+            raise TrainerError(
+                "--fsdp shards over the torchrun processes: launch with python -m torch.distributed.run "
+                "--nproc_per_node=N (N >= 2) -m rotkern.trainers train --fsdp ..."
+            )
+        if cfg.optimizer in ("muon", "rotated-sgdm") or cfg.switch_at:
+            raise TrainerError(
+                f"--fsdp runs adamw, sgdm, rotated-eager, rotated-fused and soap without switching; got "
+                f"--optimizer={cfg.optimizer}" + (f" --switch_at={cfg.switch_at}" if cfg.switch_at else "")
+            )
 
 
 # Optimizers whose param groups carry a rotation, so that --rotate_only / --rotate_except can restrict it.
@@ -438,6 +456,9 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
     rotation spans every parameter), two groups for torch's."""
     if cfg.optimizer.startswith("rotated") or cfg.optimizer == "soap":
         groups = param_groups_for(model, weight_decay=cfg.weight_decay)
+        if cfg.shard_mode != "local":
+            for g in groups:
+                g["shard_mode"] = cfg.shard_mode
         keep = rotated_types(cfg)
         return groups if keep is None else restrict_rotation(groups, model, keep)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -627,11 +648,12 @@ def train_step(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, step: int
                 loss = loss_of(s.kind, model, x, y) / local
             loss.backward()
         loss_sum += loss.detach().float()
-    if ddp:
+    if s.world > 1:
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= s.world
     params = [p for g in opt.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     _sync(s.device)
     t1 = time.perf_counter()
     opt.step()
@@ -689,13 +711,28 @@ def checkpoint_state(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, ste
         "step": step,
         "model_name": s.cfg.model,
         "model_config": asdict(s.model_cfg),
-        "model": getattr(model, "module", model).state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": None if model is None else getattr(model, "module", model).state_dict(),
+        "optimizer": None if opt is None else opt.state_dict(),
         # After a switch the state is not --optimizer's; checkpoints without this key predate switching.
         "optimizer_name": optimizer_after(s.cfg, step).optimizer,
         "config": asdict(s.cfg),
         "data_fingerprint": s.data.fingerprint,
     }
+
+
+def save_checkpoint(s: Setup, model: nn.Module, opt: torch.optim.Optimizer, step: int, path: Path, main: bool) -> None:
+    """Rank 0 writes ``path``; under --fsdp every rank first writes its shards to the DCP folder beside it and
+    ``path`` holds everything else (collective then: call on every rank)."""
+    if not s.cfg.fsdp:
+        if main:
+            atomic_save(checkpoint_state(s, model, opt, step), path)
+        return
+    from . import fsdp
+
+    fsdp.save(model, opt, path.parent / fsdp.DCP_FOLDER)
+    if main:
+        meta = checkpoint_state(s, None, None, step)
+        atomic_save({**meta, "dcp": fsdp.DCP_FOLDER}, path)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -744,6 +781,23 @@ def restore(s: Setup, ckpt: dict, path: str, model: nn.Module, opt: torch.optim.
             f"has {want} there (--optimizer={s.cfg.optimizer} --switch_at={s.cfg.switch_at} "
             f"--switch_to={s.cfg.switch_to!r})"
         )
+    if bool(ckpt.get("dcp")) != s.cfg.fsdp:
+        raise TrainerError(
+            f"checkpoint {path!r} was saved "
+            + ("with --fsdp (sharded, in its ckpt_dcp/ folder): resume it with --fsdp under torchrun" if ckpt.get("dcp")
+               else "without --fsdp: resume it without --fsdp")
+        )  # fmt: skip
+    if ckpt.get("dcp"):
+        from . import fsdp
+
+        folder = (Path(path) if Path(path).is_dir() else Path(path).parent) / ckpt["dcp"]
+        try:
+            fsdp.load(model, opt, folder)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise TrainerError(
+                f"checkpoint {path!r} ({folder}) does not fit this run: {str(e).splitlines()[0]}"
+            ) from None
+        return step
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -802,6 +856,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             f"{ckpt_path} already exists; pass --resume={ckpt_path} to continue it or pick another out_dir"
         )
     model = s.build_model()
+    if cfg.fsdp:
+        from .fsdp import shard_model
+
+        shard_model(model)
     # A checkpoint past switch_at holds the switched optimizer's state: build that one to load it into.
     active = optimizer_after(cfg, int(ckpt["step"]) if ckpt is not None else 0)
     opt = make_optimizer(active, model)
@@ -837,7 +895,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
                 f"{cfg.switch_at} ({cfg.switch_state})"
             )
     net = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         ids = [s.device.index] if s.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     records, evals = [], []
@@ -879,7 +937,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             records.append(rec)
             log.write({"type": "step", **rec})
             done = rec["step"]
-            if main and ((cfg.eval_every and done % cfg.eval_every == 0) or done == stop):
+            # FSDP: every rank takes part in the forward passes (the params are all-gathered); rank 0 logs
+            if (main or cfg.fsdp) and ((cfg.eval_every and done % cfg.eval_every == 0) or done == stop):
                 ev = {"type": "eval", "step": done, **evaluate(s, model)}
                 evals.append(ev)
                 log.write(ev)
@@ -896,8 +955,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
                     f"grad {rec['grad_norm']:.3f} | {rec['step_time'] * 1e3:7.1f} ms "
                     f"(opt {rec['optimizer_time'] * 1e3:.1f}){extra}"
                 )
-            if main and save and cfg.save_every and done % cfg.save_every == 0 and done != stop:
-                atomic_save(checkpoint_state(s, model, opt, done), ckpt_path)
+            if save and cfg.save_every and done % cfg.save_every == 0 and done != stop:
+                save_checkpoint(s, model, opt, done, ckpt_path, main)
         final: dict[str, Any] = {
             "type": "final",
             "step": stop,
@@ -908,10 +967,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             final["loss"] = records[-1]["loss"]
         if evals:
             final.update({k: v for k, v in evals[-1].items() if k.startswith("val")})
-        if world > 1:
+        if world > 1 and not cfg.fsdp:
             final["ddp_max_param_diff"] = _rank_param_diff(model)
-        if main and save:
-            atomic_save(checkpoint_state(s, model, opt, stop), ckpt_path)
+        if save:
+            save_checkpoint(s, model, opt, stop, ckpt_path, main)
             final["checkpoint"] = str(ckpt_path)
         log.write(final)
     finally:
