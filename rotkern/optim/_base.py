@@ -435,8 +435,13 @@ class RotatedOptimizerBase(Optimizer):
         widen = _mixed_dtype_members(plan.units, params, plan.grads) if uniform else set()
         absent = set(plan.absent)
         writeback = []
+        # Stochastic rounding: the step runs on an fp32 copy, rounded into the param afterwards (_finish_group).
+        sr = plan.group.get("stochastic_rounding", False)
         for i in plan.touched:
             p, g = params[i], plan.grads[i]
+            rounded = sr and p.dtype in (torch.bfloat16, torch.float16) and i not in absent
+            if rounded:
+                widen = widen | {i}
             dtype = torch.float32 if i in widen else p.dtype
             if i in absent:
                 # Values are kept: the backend writes this member's update into a temporary that is dropped.
@@ -445,7 +450,8 @@ class RotatedOptimizerBase(Optimizer):
                 continue
             if dtype != p.dtype or not p.is_contiguous():
                 run_params[i] = p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
-                writeback.append((p, run_params[i]))
+                seed = _rounding_seed(plan.group["seed"], plan.gi, i, float(states[i]["step"]) + 1) if rounded else None
+                writeback.append((p, run_params[i], seed))
             if (i in widen and g.dtype != torch.float32) or not g.is_contiguous():
                 run_grads[i] = g.to(torch.float32 if i in widen else g.dtype, memory_format=torch.contiguous_format)
             scale = getattr(self, "_grad_scale", None)
@@ -456,8 +462,8 @@ class RotatedOptimizerBase(Optimizer):
 
     @staticmethod
     def _finish_group(plan: GroupStep) -> None:
-        for p, staged in plan.extra.get("writeback", ()):
-            p.detach().copy_(staged)
+        for p, staged, seed in plan.extra.get("writeback", ()):
+            p.detach().copy_(staged if seed is None else stochastic_round(staged, p.dtype, seed))
 
     def _needs_uniform_dtypes(self, backend: str) -> bool:
         """Whether ``backend`` needs one (param, grad) dtype pair per unit (the fused ones do)."""
@@ -647,6 +653,32 @@ def _normalise_params(params: Iterable) -> list:
     if not isinstance(params[0], dict):
         return [{"params": params}]
     return [dict(g) if isinstance(g, dict) else g for g in params]
+
+
+def _rounding_seed(seed: int, gi: int, i: int, step: float) -> int:
+    """The seed of one param's stochastic rounding at one step (a SplitMix64-style mix; fits torch's int64)."""
+    x = (seed * 0x9E3779B97F4A7C15 + gi * 0xBF58476D1CE4E5B9 + i * 0x94D049BB133111EB + int(step)) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """``x`` (fp32) rounded to ``dtype`` stochastically: to the neighbour above with probability
+    ``(x - lo) / (hi - lo)``, else to the one below, so that ``E[result] = x``; exact values, inf and NaN are
+    kept. Draws from a CPU generator seeded with ``seed`` (the same bits on every device)."""
+    nearest = x.to(dtype)
+    back = nearest.to(x.dtype)
+    toward = torch.where(back > x, torch.full_like(nearest, -float("inf")), torch.full_like(nearest, float("inf")))
+    other = torch.nextafter(nearest, toward)
+    lo = torch.where(back > x, other, nearest).to(x.dtype)
+    hi = torch.where(back > x, nearest, other).to(x.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(x.shape, generator=gen, dtype=torch.float32).to(x.device)
+    p_hi = ((x - lo) / (hi - lo)).nan_to_num(0.0)
+    out = torch.where(u < p_hi, hi, lo).to(dtype)
+    exact = (back == x) | ~torch.isfinite(x) | ~torch.isfinite(other.to(x.dtype))
+    return torch.where(exact, nearest, out)
 
 
 def _label(names, gi: int, i: int) -> str:

@@ -68,6 +68,11 @@ class RotatedAdamW(RotatedOptimizerBase):
         shampoo_beta: EMA coefficient of the eigen scope's factors, in [0, 1) (default 0.95, SOAP's).
         max_precond_dim: eigen scope: a matrix side longer than this keeps no basis (identity; default 10000).
         basis_change: ``auto`` | ``keep`` | ``transport`` | ``transport_m`` | ``reset`` (see above).
+        stochastic_rounding: bf16 / fp16 params are written by stochastic rounding of the fp32 result (to either
+            neighbour, with probabilities that make the rounding unbiased) instead of round-to-nearest, so that
+            updates below half an ulp still move them on average; the random draws come from the group's seed,
+            the param's position and its step, so a run (and its resume) is deterministic. Every backend: the step
+            runs on an fp32 copy of such params. No effect on fp32 / fp64 params.
         compute_dtype: torch.float32 (default) or torch.float64 (for precision tests); moments (and SVD
             bases) are stored in this dtype whatever the param dtype.
 
@@ -111,6 +116,7 @@ class RotatedAdamW(RotatedOptimizerBase):
         shampoo_beta: float = 0.95,
         max_precond_dim: int = 10000,
         basis_change: str = "auto",
+        stochastic_rounding: bool = False,
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         check_hyper("learning rate", lr)
@@ -141,6 +147,7 @@ class RotatedAdamW(RotatedOptimizerBase):
             shampoo_beta=shampoo_beta,
             max_precond_dim=max_precond_dim,
             basis_change=basis_change,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults, compute_dtype)
 
@@ -156,6 +163,8 @@ class RotatedAdamW(RotatedOptimizerBase):
         check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, where=where)
         check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, where=where)
         check_hyper("weight_decay value", group["weight_decay"], where=where)
+        if not isinstance(group.get("stochastic_rounding", False), bool):
+            raise ValueError(f"{where}stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}")
         for key, what in (("capturable", "CUDA-graph capture of the step"), ("differentiable", "autograd through it")):
             if group.get(key):
                 raise ValueError(
