@@ -30,7 +30,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   # (default 450), less a margin for the report. Results are saved after every phase.
   total=${GPU_RUN_SECONDS:-450}
   [ "$what" = bench ] && total=${GPU_RUN_SECONDS:-570}  # alone, the benchmark may fill a 10-minute command
-  budget=$(( total - SECONDS - 20 ))
+  budget=$(( total - SECONDS - 20 - ${BASES_SECONDS:-60} ))  # leaves bench_bases.py (below) its minute
   [ "$budget" -lt 60 ] && budget=60
   python3 benchmarks/bench_step.py --out "$OUT" --budget-seconds "$budget" 2>&1 | tee "$OUT/bench.log" \
     | grep -v '^W[0-9]' | tail -40
@@ -39,6 +39,23 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     # The README performance section (image links relative to $OUT); printed so the command's output has it.
     python3 benchmarks/report.py "$OUT/bench_step.json" --image-prefix "" -o "$OUT/performance.md"
     cat "$OUT/performance.md"
+  fi
+fi
+if [ "$what" = bases ] || [ "$what" = bench ] || [ "$what" = all ]; then
+  # Dynamic bases (bench_bases.py): fused svd / eigen step vs eager, steps that refresh the basis and steps that
+  # do not, on GPT-2 124M's block matrices. BASES_SECONDS (default 60; bench_step's budget leaves it out), cut to
+  # what is left of a 10-minute command (GPU_COMMAND_SECONDS, default 590). `bash benchmarks/gpu_run.sh bases`:
+  # this alone.
+  bases=${BASES_SECONDS:-60}
+  left=$(( ${GPU_COMMAND_SECONDS:-590} - SECONDS ))
+  [ "$left" -lt "$bases" ] && bases=$left
+  if [ "$bases" -ge 30 ]; then
+    python3 benchmarks/bench_bases.py --out "$OUT" --budget-seconds "$bases" 2>&1 | tee "$OUT/bases.log" \
+      | grep -v '^W[0-9]' | tail -30
+    [ "${PIPESTATUS[0]}" -ne 0 ] && rc=1
+    [ -f "$OUT/bench_bases.md" ] && cat "$OUT/bench_bases.md"
+  else
+    echo "bench_bases.py skipped: ${left} s left of the command (GPU_COMMAND_SECONDS)" | tee "$OUT/bases.log"
   fi
 fi
 # The device tool returns at most 8 files from $OUT: pack everything into one archive, keep the headline files.
