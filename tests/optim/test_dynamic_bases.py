@@ -509,9 +509,11 @@ def test_eigen_resumes_bit_identically_across_refreshes(change):
 
 
 # %% batched decompositions -----------------------------------------------------------------------------------
-def test_batched_decompositions_group_by_shape_and_isolate_failures(caplog):
+def test_batched_decompositions_group_by_shape_and_isolate_failures(caplog, monkeypatch):
+    import rotkern.bases
     from rotkern.bases import DECOMPOSITIONS, batched_decompositions
 
+    monkeypatch.setattr(rotkern.bases, "BATCH_ON_CPU", True)  # what a GPU does, here on the CPU
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(5, 3, generator=gen) for _ in range(3)] + [torch.randn(4, 4, generator=gen)]
     xs[1][0, 0] = float("nan")  # fails the batch's check for item 1 only
@@ -562,6 +564,9 @@ def test_equal_shapes_decompose_in_one_batched_call(scope, monkeypatch):
             opt.step()
         return params
 
+    import rotkern.bases
+
+    monkeypatch.setattr(rotkern.bases, "BATCH_ON_CPU", True)  # what a GPU does, here on the CPU
     for kind in real:
         monkeypatch.setattr(torch.linalg, kind, spy(kind))
     batched = run(True)
