@@ -22,6 +22,15 @@ from rotkern._backend import ext_available
 def test_compiled_step_equals_eager_without_recompiles_over_an_lr_schedule(backend):
     torch._dynamo.reset()
     counters.clear()
+    try:
+        _run(backend)
+    finally:
+        # Dynamo keeps per-code-object state (which sizes turned dynamic) across torch.compile calls: leave none
+        # behind for later tests that compile the same step.
+        torch._dynamo.reset()
+
+
+def _run(backend):
     cls = RotatedAdamW if backend == "eager" else FusedRotatedAdamW
     extra = {} if backend == "eager" else {"backend": "ext"}
 
