@@ -193,3 +193,14 @@ def test_progress_is_quiet_off_a_tty_and_a_bar_on_one(monkeypatch, capsys):
     monkeypatch.setattr(mod.sys.stdout, "isatty", lambda: True)
     assert list(mod.progress(range(3), 3, "grad")) == [0, 1, 2]
     assert "grad" in capsys.readouterr().err  # tqdm draws on stderr
+
+
+def test_variants_of_one_scope_stay_apart(tmp_path):
+    """compare --variants / --sweep runs share a scope: their per-run options that differ keep them apart."""
+    torch.set_num_threads(1)
+    for name, extra in (("layer", {}), ("layer_v", {"rotate_only": "v"}), ("layer_b2", {"beta2": 0.99})):
+        train(fast_config(tmp_path / name, steps=4, rotation="layer", **extra))
+    cfg = AnalyzeConfig(batches=1, device="cpu", plot=False, out_dir=str(tmp_path / "out"))
+    analysis = analyze([str(tmp_path)], cfg)
+    assert sorted(r["scope"] for r in analysis["runs"]) == ["layer", "layer,beta2=0.99", "layer,rotate_only=v"]
+    assert len(analysis["scopes"]) == 3

@@ -159,10 +159,25 @@ def scope_of(cfg: TrainConfig) -> str:
     return cfg.optimizer
 
 
-def run_scope(cfg: TrainConfig, step: int) -> str:
-    """:func:`scope_of` the optimizer in use at ``step``; "<from>-><to>" for a run switched before it."""
+def run_scope(cfg: TrainConfig, step: int, keys: Iterable[str] = ()) -> str:
+    """:func:`scope_of` the optimizer in use at ``step``; "<from>-><to>" for a run switched before it. ``keys``:
+    per-run options (compare's variants and sweeps) that differ between the runs analysed side by side; each one
+    this run sets away from TrainConfig's default is appended as ``,key=value``, so that e.g. ``layer`` and
+    ``layer,rotate_only=v`` stay apart."""
     active = scope_of(optimizer_after(cfg, step))
-    return active if optimizer_after(cfg, step) is cfg else f"{scope_of(cfg)}->{active}"
+    label = active if optimizer_after(cfg, step) is cfg else f"{scope_of(cfg)}->{active}"
+    for key in keys:
+        value = getattr(cfg, key)
+        if value != getattr(TrainConfig, key):
+            label += f",{key}={value}"
+    return label
+
+
+def varying_keys(cfgs: list[TrainConfig]) -> list[str]:
+    """The per-run options (:data:`rotkern.trainers.compare.VARIANT_KEYS`) whose values differ between ``cfgs``."""
+    from .compare import VARIANT_KEYS
+
+    return [k for k in VARIANT_KEYS if len({repr(getattr(c, k)) for c in cfgs}) > 1]
 
 
 def layer_type(name: str) -> str:
@@ -570,7 +585,8 @@ def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
     if (out / "analysis.json").exists():
         raise TrainerError(f"{out / 'analysis.json'} already exists; pick another --out_dir or remove it")
     ckpts = [(p, load_checkpoint(str(p))) for p in found]
-    labels = _labels(ckpts)
+    keys = varying_keys([saved_config(ckpt) for _, ckpt in ckpts])
+    labels = _labels(ckpts, keys)
     want_hessian = acfg.hessian_rows > 0 or bool(acfg.hessian_ids.strip())
     print(f"analyze: {len(ckpts)} checkpoint(s) -> {out}", flush=True)
     runs = []
@@ -585,7 +601,7 @@ def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
         )
         result: dict[str, Any] = {
             "label": label,
-            "scope": run_scope(run.cfg, run.step),
+            "scope": run_scope(run.cfg, run.step, keys),
             "optimizer": optimizer_label(run.active),
             "seed": run.cfg.seed,
             "checkpoint": str(path),
@@ -650,12 +666,12 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _labels(ckpts: list[tuple[Path, dict]]) -> list[str]:
+def _labels(ckpts: list[tuple[Path, dict]], keys: Iterable[str] = ()) -> list[str]:
     """``scope seedS``; made unique by the run's folder where two checkpoints would share a label."""
     base = []
     for _, ckpt in ckpts:
         cfg = saved_config(ckpt)
-        base.append(f"{run_scope(cfg, int(ckpt['step']))} seed{cfg.seed}")
+        base.append(f"{run_scope(cfg, int(ckpt['step']), keys)} seed{cfg.seed}")
     out = []
     for (path, _), label in zip(ckpts, base, strict=True):
         out.append(label if base.count(label) == 1 else f"{label} ({path.parent})")
