@@ -5,33 +5,16 @@ fused AdamW does. Eager on CPU; ext and the Triton interpreter under their marke
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 from rotkern import FusedRotatedAdamW, RotatedAdamW
-from rotkern._backend import ext_available, triton_available
 from rotkern.testing import assert_close_to_ref
 
-BACKENDS = [
-    pytest.param("eager", id="eager"),
-    pytest.param(
-        "ext",
-        marks=[pytest.mark.ext, pytest.mark.skipif(not ext_available(), reason="needs make ext")],
-        id="ext",
-    ),
-    pytest.param(
-        "triton",
-        marks=[
-            pytest.mark.interpret,
-            pytest.mark.skipif(
-                not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
-            ),
-        ],
-        id="triton",
-    ),
-]
+from ._backends import CPU_BACKENDS
+
+BACKENDS = CPU_BACKENDS
 
 
 def _model():

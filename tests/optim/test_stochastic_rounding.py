@@ -3,31 +3,15 @@ result, deterministic from the seed and step, on every backend."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from rotkern import FusedRotatedAdamW, RotatedAdamW
-from rotkern._backend import ext_available, triton_available
 from rotkern.optim._base import stochastic_round
 
-BACKENDS = [
-    pytest.param("eager", id="eager"),
-    pytest.param(
-        "ext", marks=[pytest.mark.ext, pytest.mark.skipif(not ext_available(), reason="needs make ext")], id="ext"
-    ),
-    pytest.param(
-        "triton",
-        marks=[
-            pytest.mark.interpret,
-            pytest.mark.skipif(
-                not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
-            ),
-        ],
-        id="triton",
-    ),
-]
+from ._backends import CPU_BACKENDS
+
+BACKENDS = CPU_BACKENDS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
