@@ -177,6 +177,7 @@ def main() -> None:
             result = job_load(rest[0], rest[1], int(rest[2]), backend)
         if dist.get_rank() == 0:
             torch.save(result, out_path)
+        dist.barrier()  # no rank tears gloo down while another still works (an abort in its teardown otherwise)
     except Exception:
         traceback.print_exc()
         raise

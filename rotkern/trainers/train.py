@@ -831,7 +831,13 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
         device = resolve_device(cfg.device, local_rank)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, rank, world, local_rank, on_step)
+        result = _train(cfg, rank, world, local_rank, on_step)
+        if ddp:
+            # Every rank done (rank 0 writes last) before any tears gloo down: a rank that destroys its process
+            # group while a peer still works can abort in gloo's teardown ("terminate called without an active
+            # exception", seen under FSDP on a loaded CPU).
+            torch.distributed.barrier()
+        return result
     except RuntimeError as e:
         failure = worker_failure(e)  # a data-loading worker died: one error line, not a traceback
         if failure is None:
