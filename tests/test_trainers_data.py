@@ -318,7 +318,8 @@ def images_per_s(root: Path, workers: int, image_size: int = 224, batch: int = 6
         "images": steps * batch,
         "images_per_s": steps * batch / (t2 - t0),
         "steady_images_per_s": (steps - 1) * batch / (t2 - t1),
-        "images_per_cpu_s": steps * batch / cpu,
+        # os.times() ticks every 10 ms: a tiny run can measure no CPU time at all
+        "images_per_cpu_s": steps * batch / cpu if cpu > 0 else float("inf"),
         "batch_shape": tuple(x.shape),
     }
 
