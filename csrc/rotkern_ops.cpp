@@ -498,8 +498,11 @@ void rotated_adamw_unit_cpu(at::TensorList params_in, at::TensorList grads_in, a
                             const c10::optional<at::Tensor>& rot_p, double beta1, double beta2, double eps,
                             double weight_decay, bool amsgrad, bool maximize,
                             const c10::optional<at::Tensor>& perm_slot, const c10::optional<at::Tensor>& perm_local,
-                            const c10::optional<at::Tensor>& workspace) {
-  const std::vector<at::Tensor> params = params_in.vec(), grads = grads_in.vec();
+                            const c10::optional<at::Tensor>& workspace,
+                            const c10::optional<at::Tensor>& grad_scale,
+                            const c10::optional<at::Tensor>& found_inf) {
+  const std::vector<at::Tensor> params = params_in.vec();
+  std::vector<at::Tensor> grads = grads_in.vec();
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "rotated_adamw_unit_: no params");
   check_list(params, params, "params", false);
@@ -520,6 +523,11 @@ void rotated_adamw_unit_cpu(at::TensorList params_in, at::TensorList grads_in, a
   TORCH_CHECK(layout == kFlat || (nseg == 1 && width >= 1), "rotated_adamw_unit_: a rows/cols unit has one segment");
   TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "rotated_adamw_unit_: step must be a CPU scalar");
   TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "rotated_adamw_unit_: lr must be a CPU scalar");
+
+  for (const auto* x : {&grad_scale, &found_inf}) {
+    TORCH_CHECK(!x->has_value() || ((*x)->numel() == 1 && (*x)->device().is_cpu() && (*x)->is_floating_point()),
+                "rotated_adamw_unit_: grad_scale and found_inf must be one-element floating-point CPU tensors");
+  }
 
   const double t = step.item<double>();
   const double lr_v = lr.item<double>();
@@ -622,6 +630,29 @@ void rotated_adamw_unit_cpu(at::TensorList params_in, at::TensorList grads_in, a
   u.s.sign = maximize ? -1.0f : 1.0f;
   u.amsgrad = amsgrad;
 
+  // torch.amp.GradScaler, as torch's fused AdamW: a step that found inf/NaN writes nothing (every check above
+  // has run, so a bad call still raises), and the gradient is divided by grad_scale where it is read.
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
+  if (grad_scale.has_value()) {
+    const float scale = grad_scale->item<float>();
+    int e = 0;
+    if (std::isfinite(scale) && std::frexp(scale, &e) == 0.5f) {
+      // scale = 2^(e-1): g * 2^(1-e) is g / scale exactly (both round the same real number), and free.
+      u.s.sign *= std::ldexp(1.0f, 1 - e);
+    } else {
+      // Any other scale: an IEEE division per element, into fp32 copies (as the eager path unscales).
+      for (auto& g : grads) {
+        at::Tensor x = g.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+        float* d = x.data_ptr<float>();
+        const int64_t n = x.numel();
+        at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) {
+          for (int64_t k = a; k < b; ++k) d[k] = d[k] / scale;
+        });
+        g = x;
+      }
+    }
+  }
+
   auto ptrs = [](at::TensorList ts) {
     std::vector<float*> out;
     for (const auto& x : ts) out.push_back(x.data_ptr<float>());
@@ -649,7 +680,8 @@ TORCH_LIBRARY(rotkern, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor step, Tensor lr, int[] seg_tensor, int[] seg_start, int[] seg_numel, "
       "int[] seg_decay, int layout, int width, int num_vectors, int length, int block_size, Tensor? perm, "
       "Tensor? rot_n, Tensor? rot_p, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
-      "bool maximize, Tensor? perm_slot=None, Tensor? perm_local=None, Tensor(e!)? workspace=None) -> ()");
+      "bool maximize, Tensor? perm_slot=None, Tensor? perm_local=None, Tensor(e!)? workspace=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def("flat_perm_tables(Tensor perm, int block_size) -> (Tensor slot, Tensor local, Tensor bucket_starts)");
 }
 

@@ -45,17 +45,22 @@ def rotated_adamw_step_ext(
     units: Sequence[Unit],
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
     eps: float,
     weight_decay: float,
     decay_mask: Sequence[bool] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One rotated AdamW step in place, through the compiled extension (see the module docstring).
 
-    Args: as :func:`rotkern.kernels.reference.rotated_adamw_ref`; ``lr`` may be a float or a scalar tensor.
+    Args: as :func:`rotkern.kernels.reference.rotated_adamw_ref`; ``lr``, ``beta1`` and ``beta2`` may be floats or
+    one-element tensors. ``grad_scale`` and ``found_inf``: ``torch.amp.GradScaler``'s tensors, as torch's fused
+    AdamW takes them; the op divides the gradient by ``grad_scale`` and writes nothing when ``found_inf`` is
+    nonzero (the step counts are advanced, then ``found_inf`` is subtracted from them).
     Requirements: CPU tensors, contiguous params and grads, fp32 moments, fp32 scalar CPU steps; the members
     of one unit share their param dtype and their grad dtype.
     """
@@ -81,7 +86,13 @@ def rotated_adamw_step_ext(
             )
     lr_t = lr.detach().to("cpu", torch.float64) if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64)
     # Each param steps once, even when it is split over several units (q/k/v), as in the reference.
-    torch._foreach_add_([state_steps[i] for i in touched], 1.0)
+    scaling = {
+        name: x.detach().to("cpu", torch.float32).reshape(())
+        for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf))
+        if x is not None
+    }
+    steps = [state_steps[i] for i in touched]
+    torch._foreach_add_(steps, 1.0)
     op = torch.ops.rotkern.rotated_adamw_unit_
     hyper = (float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize))
 
@@ -101,6 +112,7 @@ def rotated_adamw_step_ext(
             *rot,
             *hyper,
             *tables,
+            **scaling,
         )
 
     identity: dict[tuple, list[Unit]] = {}
@@ -125,6 +137,8 @@ def rotated_adamw_step_ext(
             [1 if decay_mask is None or decay_mask[s.param] else 0 for s in seg],
         )
         call(members, segs, _LAYOUT["flat"], 0, (1, sum(s.numel for s in seg)), (1, None, None, None))
+    if "found_inf" in scaling:
+        torch._foreach_sub_(steps, [scaling["found_inf"]] * len(steps))
 
 
 _local = threading.local()

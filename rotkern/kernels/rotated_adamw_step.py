@@ -59,7 +59,7 @@ from ._rotated_adamw_plan import PlanCache, get_plan
 
 __all__ = ["PRECISIONS", "rotated_adamw_step"]
 
-_HYPER = 5  # float64: lr, beta1, beta2, eps, weight_decay
+_HYPER = 6  # float64: lr, beta1, beta2, eps, weight_decay, 0.0 (the found_inf of a call without one)
 # Rows of the per-call pointer table, and the metadata layouts (constexpr: kernels read only those globals).
 _P, _G, _M, _V, _VMAX, _STEP = (tl.constexpr(k) for k in range(6))
 _KINDS = 6
@@ -112,6 +112,12 @@ def _adam_direction(m, vv, bc2_sqrt, eps):
     # IEEE-rounded sqrt and division, as torch (Triton's defaults are approximate on NVIDIA).
     denom = tl.math.div_rn(tl.math.sqrt_rn(vv), tl.zeros_like(vv) + bc2_sqrt) + eps
     return tl.math.div_rn(m, denom)
+
+
+@triton.jit
+def _unscale(g, scale_ptr):
+    # IEEE division, as torch's fused AdamW and the eager path unscale (g * (1 / s) differs unless s is 2^k).
+    return tl.math.div_rn(g, tl.zeros_like(g) + tl.load(scale_ptr).to(tl.float32))
 
 
 @triton.jit
@@ -214,8 +220,12 @@ def _moment_loc(rp, row_mask, a, mask, seg_ptr, IDX: tl.constexpr, STEPS: tl.con
 def _rotated_adamw_kernel(
     # per-call tables
     ptr_table,  # int64 (6, P): data pointers of params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step
-    hyper_ptr,  # float64 (5,): lr, beta1, beta2, eps, weight_decay
+    hyper_ptr,  # float64 (_HYPER,): lr, beta1, beta2, eps, weight_decay, 0.0 (no inf found)
     lr_ptr,  # the learning rate on the device: hyper_ptr, or the caller's lr tensor
+    b1_ptr,  # beta1: hyper_ptr + 1, or the caller's tensor
+    b2_ptr,  # beta2: hyper_ptr + 2, or the caller's tensor
+    scale_ptr,  # GradScaler's grad_scale (read only when UNSCALE)
+    inf_ptr,  # GradScaler's found_inf, or hyper_ptr + 5: nonzero skips the whole step
     # cached metadata (rotkern.kernels._rotated_adamw_plan)
     tile_ptr,  # int64 (tiles, TILE_FIELDS): first row, rows, nb, R offset, R row stride, workspace offset
     row_ptr,  # int64 (block-rows, ROW_FIELDS): rbase, q0, es, gather segs, moment segs, pi offset, step param
@@ -231,6 +241,7 @@ def _rotated_adamw_kernel(
     IDX: tl.constexpr,  # positions: tl.int32, or tl.int64 when a unit or param passes 2^31 elements
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    UNSCALE: tl.constexpr,  # divide the gradient by *scale_ptr (GradScaler's scaled grads)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" | "tf32x3" | "tf32"
     STAGED: tl.constexpr,  # gather g into the workspace first (permuted / strided / multi-tensor units)
     ALIGNED: tl.constexpr,  # every block size and workspace offset of the launch is a multiple of 16
@@ -254,6 +265,9 @@ def _rotated_adamw_kernel(
         nb = tl.multiple_of(nb, 16)
         ws_off = tl.multiple_of(ws_off, 16)
 
+    # A step GradScaler found inf/NaN in has no rows: every access is masked off, nothing is written.
+    row_count = tl.where(tl.load(inf_ptr).to(tl.float32) == 0.0, row_count, 0)
+
     i = tl.arange(0, BLOCK_M)
     row_mask = i < row_count
     rm = row_mask[:, None]
@@ -263,8 +277,8 @@ def _rotated_adamw_kernel(
 
     # Hyperparameters in fp64, rounded to fp32 where the eager reference rounds them.
     lr = tl.load(lr_ptr).to(tl.float64)
-    beta1 = tl.load(hyper_ptr + 1)
-    beta2 = tl.load(hyper_ptr + 2)
+    beta1 = tl.load(b1_ptr).to(tl.float64)
+    beta2 = tl.load(b2_ptr).to(tl.float64)
     eps = tl.load(hyper_ptr + 3).to(tl.float32)
     decay_factor = (1.0 - lr * tl.load(hyper_ptr + 4)).to(tl.float32)
     step_param = tl.load(rp + 8, mask=row_mask, other=0)
@@ -294,7 +308,10 @@ def _rotated_adamw_kernel(
                     IDX,
                     GATHER_STEPS,
                 )
-                tl.store(ws_rows + c, tl.load(g_p, mask=mask, other=0.0).to(tl.float32), mask=mask)
+                x = tl.load(g_p, mask=mask, other=0.0).to(tl.float32)
+                if UNSCALE:
+                    x = _unscale(x, scale_ptr)
+                tl.store(ws_rows + c, x, mask=mask)
             tl.debug_barrier()  # the K loops below read slots other threads of this program wrote
         else:
             # Unpermuted contiguous rows: read g in place. Per-row base pointers, offsets added per tile.
@@ -318,6 +335,8 @@ def _rotated_adamw_kernel(
                     x = tl.load(ws_rows + c[None, :], mask=xmask, other=0.0)
                 else:
                     x = tl.load(g_rows + c[None, :], mask=xmask, other=0.0).to(tl.float32)
+                    if UNSCALE:
+                        x = _unscale(x, scale_ptr)
                 # R^T tile, rt[c, a] = R[a, c], straight from row-major R.
                 rt = tl.load(rot + a * r_stride + c[:, None], mask=(c[:, None] < nb) & (a < nb), other=0.0)
                 acc = tl.dot(x, rt, acc, input_precision=PRECISION)
@@ -419,12 +438,16 @@ def _adamw_elements(
     step_size,
     bc2_sqrt,
     decay_factor,
+    scale_ptr,
     P_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    UNSCALE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     g = _load(g_p, mask, MASKED).to(tl.float32)
+    if UNSCALE:
+        g = _unscale(g, scale_ptr)
     if MAXIMIZE:
         g = -g
     m, v = _adam_moments(
@@ -449,8 +472,12 @@ def _adamw_elements(
 def _adamw_kernel(
     # per-call tables
     ptr_table,  # int64 (6, P): as in _rotated_adamw_kernel
-    hyper_ptr,  # float64 (5,): lr, beta1, beta2, eps, weight_decay
+    hyper_ptr,  # float64 (_HYPER,): as in _rotated_adamw_kernel
     lr_ptr,  # the learning rate on the device
+    b1_ptr,  # beta1
+    b2_ptr,  # beta2
+    scale_ptr,  # GradScaler's grad_scale (read only when UNSCALE)
+    inf_ptr,  # GradScaler's found_inf: nonzero skips the step
     # cached metadata
     chunk_ptr,  # int64 (chunks, CHUNK_FIELDS): param, start, stop, decay
     # sizes
@@ -460,6 +487,7 @@ def _adamw_kernel(
     G_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    UNSCALE: tl.constexpr,  # divide the gradient by *scale_ptr
     ALIGNED: tl.constexpr,  # every tensor of the launch is 16-byte aligned: full chunks vectorise
     BLOCK: tl.constexpr,
 ):
@@ -469,12 +497,14 @@ def _adamw_kernel(
     pidx = tl.load(chunk)
     start = tl.multiple_of(tl.load(chunk + 1), BLOCK)
     stop = tl.load(chunk + 2)
+    # found_inf: an empty chunk (every access masked off) instead of an early return.
+    stop = tl.where(tl.load(inf_ptr).to(tl.float32) == 0.0, stop, start)
     decay = tl.load(chunk + 3)
     offs = start + tl.arange(0, BLOCK)
 
     lr = tl.load(lr_ptr).to(tl.float64)
-    beta1 = tl.load(hyper_ptr + 1)
-    beta2 = tl.load(hyper_ptr + 2)
+    beta1 = tl.load(b1_ptr).to(tl.float64)
+    beta2 = tl.load(b2_ptr).to(tl.float64)
     eps = tl.load(hyper_ptr + 3).to(tl.float32)
     one = pidx + tl.zeros([1], tl.int64)  # (1,)-shaped: _bias_corrections reduces over its argument
     valid = one >= 0
@@ -503,9 +533,11 @@ def _adamw_kernel(
             step_size,
             bc2_sqrt,
             decay_factor,
+            scale_ptr,
             P_DTYPE,
             AMSGRAD,
             MAXIMIZE,
+            UNSCALE,
             False,
         )
     else:
@@ -522,9 +554,11 @@ def _adamw_kernel(
             step_size,
             bc2_sqrt,
             decay_factor,
+            scale_ptr,
             P_DTYPE,
             AMSGRAD,
             MAXIMIZE,
+            UNSCALE,
             True,
         )
 
@@ -544,13 +578,15 @@ def rotated_adamw_step(
     units: Sequence[Unit],
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
     eps: float,
     weight_decay: float,
     decay_mask: Sequence[bool] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
     precision: str = "tf32x3",
     single_pass: bool = True,
     plan_cache: PlanCache | None = None,
@@ -558,7 +594,12 @@ def rotated_adamw_step(
     """One rotated AdamW step in place: :func:`rotated_adamw_ref`'s signature and semantics, in Triton.
 
     Args (beyond the reference's):
-        lr: a float, or a scalar tensor on the params' device (read in the kernel: no sync, no recompile).
+        lr, beta1, beta2: floats, or one-element tensors on the params' device (read in the kernel: no sync, no
+            recompile when they change); a CPU tensor is read on the host.
+        grad_scale, found_inf: ``torch.amp.GradScaler``'s one-element float32 tensors, as torch's fused AdamW
+            takes them: the kernels divide the gradient by ``grad_scale`` (IEEE division) and, when ``found_inf``
+            is nonzero, write nothing (the step counts are advanced, then ``found_inf`` is subtracted from them),
+            all on the device: no host sync.
         precision: ``tl.dot`` input precision for the rotations: ``ieee`` (true fp32, slow on tensor-core
             GPUs), ``tf32x3`` (fp32-level accuracy on tensor cores; default) or ``tf32`` (fastest, ~1e-3
             relative error in the rotated gradient).
@@ -580,15 +621,17 @@ def rotated_adamw_step(
     _check_inputs(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps, touched, device
     )
-    if torch.is_tensor(lr) and lr.device != device:
-        if lr.device.type != "cpu":
-            raise ValueError(f"lr is a tensor on {lr.device} but the params are on {device}")
-        lr = float(lr)  # a CPU scalar: reading it does not sync the GPU
+    lr, beta1, beta2 = (_on_device(x, name, device) for x, name in ((lr, "lr"), (beta1, "beta1"), (beta2, "beta2")))
+    grad_scale, found_inf = (
+        None if x is None else _on_device(x, name, device, move=True)
+        for x, name in ((grad_scale, "grad_scale"), (found_inf, "found_inf"))
+    )
     cache = plan_tables._PLANS if plan_cache is None else plan_cache
     plan = get_plan(units, params, grads, decay_mask, device, cache)
     calls = _calls(plan, len(params), device)
     table = calls.table
-    table[:_HYPER].view(np.float64)[:] = (0.0 if torch.is_tensor(lr) else float(lr), beta1, beta2, eps, weight_decay)
+    host = [0.0 if torch.is_tensor(x) else float(x) for x in (lr, beta1, beta2)]
+    table[:_HYPER].view(np.float64)[:] = (*host, eps, weight_decay, 0.0)
     ptrs = table[_HYPER:].reshape(_KINDS, len(params))
     state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps)
     for kind, tensors in enumerate(state):
@@ -597,10 +640,17 @@ def rotated_adamw_step(
                 ptrs[kind, i] = tensors[i].data_ptr()
 
     with _device_guard(device):
-        torch._foreach_add_([state_steps[i] for i in touched], 1.0)
+        steps = [state_steps[i] for i in touched]
+        torch._foreach_add_(steps, 1.0)
         calls.upload()
         hyper, ptr_table = calls.hyper, calls.ptr_table
-        lr_arg = lr if torch.is_tensor(lr) else hyper
+        scalars = (
+            lr if torch.is_tensor(lr) else hyper,
+            beta1 if torch.is_tensor(beta1) else hyper[1:],
+            beta2 if torch.is_tensor(beta2) else hyper[2:],
+            hyper if grad_scale is None else grad_scale,  # not read without UNSCALE
+            hyper[5:] if found_inf is None else found_inf,
+        )
         ws = _workspace(cache, device, plan.ws_numel)
         if ws is not None and POISON_WORKSPACE:
             ws.fill_(float("nan"))
@@ -610,6 +660,7 @@ def rotated_adamw_step(
                 G_DTYPE=_TL_DTYPES[launch.g_dtype],
                 AMSGRAD=amsgrad,
                 MAXIMIZE=maximize,
+                UNSCALE=grad_scale is not None,
                 num_warps=launch.num_warps,
                 num_stages=launch.num_stages,
                 **launch.meta,
@@ -617,14 +668,34 @@ def rotated_adamw_step(
             grid = (launch.grid,)
             if not launch.rotated:
                 aligned = _aligned(state, plan.identity_params)
-                _launch(_adamw_kernel, grid, ptr_table, hyper, lr_arg, launch.table, len(params), ALIGNED=aligned,
+                _launch(_adamw_kernel, grid, ptr_table, hyper, *scalars, launch.table, len(params), ALIGNED=aligned,
                         **common)  # fmt: skip
                 continue
-            args = (ptr_table, hyper, lr_arg, launch.table, plan.rows, plan.segments, plan.perm, plan.rot, ws)
+            args = (ptr_table, hyper, *scalars, launch.table, plan.rows, plan.segments, plan.perm, plan.rot, ws)
             idx = tl.int64 if plan.wide else tl.int32
             for phase in (0,) if single_pass else (1, 2):
                 _launch(_rotated_adamw_kernel, grid, *args, len(params), IDX=idx, PRECISION=precision, PHASE=phase,
                         **common)  # fmt: skip
+        if found_inf is not None:
+            # torch's fused AdamW does the same: the skipped step's increment is taken back on the device.
+            torch._foreach_sub_(steps, [found_inf.reshape(())] * len(steps))
+
+
+def _on_device(x, name: str, device: torch.device, move: bool = False):
+    """A float, or a one-element tensor the kernels read on ``device``: a tensor elsewhere is read on the host
+    when it is on the CPU (no GPU sync), or copied to ``device`` where ``move`` (GradScaler's tensors live on the
+    scale's device, as torch's fused AdamW allows); otherwise ValueError."""
+    if not torch.is_tensor(x):
+        return float(x)
+    if x.numel() != 1 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a float or a one-element floating tensor, got {tuple(x.shape)} {x.dtype}")
+    if x.device == device:
+        return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if move:
+        return x.to(device, torch.float32, non_blocking=True)
+    if x.device.type == "cpu":
+        return float(x)
+    raise ValueError(f"{name} is a tensor on {x.device} but the params are on {device}")
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:

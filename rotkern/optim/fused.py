@@ -123,6 +123,16 @@ class FusedRotatedAdamW(RotatedAdamW):
             backend = "eager"
         plan.backend = backend
 
+    def _may_scale_in_kernel(self) -> bool:
+        return not any(g["rotation"] in ("svd", "eigen") for g in self.param_groups)
+
+    def _scales_in_kernel(self, plan: GroupStep) -> bool:
+        return (
+            plan.backend in ("triton", "ext")
+            and not plan.extra.get("sharded")
+            and not any(isinstance(u.rotation, DynamicRotation) for u in plan.units)
+        )
+
     def _rotated_adamw(
         self, plan, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, **kwargs
     ) -> None:
@@ -178,6 +188,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         )
         from ..kernels.two_sided_adamw import two_sided_adamw_step  # imports triton: only on this path
 
+        lr, beta1, beta2 = (x.item() if torch.is_tensor(x) else float(x) for x in (lr, beta1, beta2))
         p_flat, g_flat = _flat(params), _flat(grads)
         m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
         vmax_flat = _flat(max_exp_avg_sqs) if amsgrad else None

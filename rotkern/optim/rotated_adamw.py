@@ -204,15 +204,31 @@ class RotatedAdamW(RotatedOptimizerBase):
             with torch.enable_grad():
                 loss = closure()
         # torch.amp.GradScaler (this class sets _step_supports_amp_scaling): it leaves the grads scaled and hands
-        # over grad_scale (None once unscale_ ran) and found_inf; a step with an inf/NaN grad changes nothing.
+        # over grad_scale (None once unscale_ ran) and found_inf; a step with an inf/NaN grad changes nothing. The
+        # fused kernels take both as device tensors (no host sync, as torch's fused AdamW); any other step reads
+        # found_inf on the host (a sync on CUDA) and unscales copies of the grads. The dynamic scopes check their
+        # gradients while planning, so for them the host read comes first.
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf):  # one host read of a scalar (a sync on CUDA)
-            return loss
         grad_scale = getattr(self, "grad_scale", None)
-        self._grad_scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32)
-        for plan in self._plan_steps():
+        host_read = found_inf is not None and not self._may_scale_in_kernel()
+        if host_read and bool(found_inf):
+            return loss
+        plans = self._plan_steps()
+        in_kernel = (found_inf is not None or grad_scale is not None) and all(map(self._scales_in_kernel, plans))
+        if found_inf is not None and not (in_kernel or host_read) and bool(found_inf):
+            return loss
+        scaling = {}
+        self._grad_scale = None
+        if in_kernel:
+            scaling = dict(grad_scale=grad_scale, found_inf=found_inf)
+        elif grad_scale is not None:
+            self._grad_scale = torch.as_tensor(grad_scale, dtype=torch.float32)
+        for plan in plans:
             group = plan.group
             run = self._run_group(plan, ("max_exp_avg_sq",) if group["amsgrad"] else ())
+            if found_inf is not None and in_kernel and plan.empty:  # zero-size params counted a step: take it back
+                steps = [self.state[group["params"][i]]["step"] for i in plan.empty]
+                torch._foreach_sub_(steps, [found_inf.to(s.device, s.dtype).reshape(()) for s in steps])
             if run is None:
                 continue
             params, grads, states = run
@@ -239,24 +255,37 @@ class RotatedAdamW(RotatedOptimizerBase):
                 [s and s["step"] for s in states],
                 plan.units,
                 lr=group["lr"],
-                beta1=_scalar(beta1),
-                beta2=_scalar(beta2),
+                beta1=beta1,
+                beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 decay_mask=group["decay_mask"],
                 amsgrad=group["amsgrad"],
                 maximize=group["maximize"],
                 **svd,
+                **scaling,
             )
             self._finish_group(plan)
         return loss
 
-    def _rotated_adamw(self, plan: GroupStep, *args, lr: float | torch.Tensor, **kwargs) -> None:
+    def _rotated_adamw(
+        self, plan: GroupStep, *args, lr: float | torch.Tensor, beta1: float | torch.Tensor,
+        beta2: float | torch.Tensor, **kwargs,
+    ) -> None:  # fmt: skip
         """The functional step; subclasses swap in a fused implementation with this signature.
 
-        ``lr`` is the group's as given (a tensor lr stays a tensor, so fused steps can read it on the device).
+        ``lr`` and the betas are the group's as given (tensors stay tensors, so fused steps can read them on the
+        device); ``grad_scale`` / ``found_inf`` come only where :meth:`_scales_in_kernel` said so.
         """
-        rotated_adamw_ref(*args, lr=_scalar(lr), **kwargs)
+        rotated_adamw_ref(*args, lr=_scalar(lr), beta1=_scalar(beta1), beta2=_scalar(beta2), **kwargs)
+
+    def _may_scale_in_kernel(self) -> bool:
+        """Whether a step could take GradScaler's tensors into its kernels (decided before planning)."""
+        return False
+
+    def _scales_in_kernel(self, plan: GroupStep) -> bool:
+        """Whether this group's step unscales and skips on found_inf inside its kernels."""
+        return False
 
 
 def _scalar(x: float | torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """torch.amp.GradScaler with the rotated optimizers (``_step_supports_amp_scaling``): the scaler hands the step
-``grad_scale`` and ``found_inf``; the step unscales copies of the grads and skips itself on inf/NaN, as torch's
-fused AdamW does. Eager on CPU; ext and the Triton interpreter under their markers."""
+``grad_scale`` and ``found_inf``. The fused kernels (Triton, ext) take them as tensors, unscale inside and write
+nothing on inf/NaN, with no host read, as torch's fused AdamW does; the eager path reads found_inf on the host and
+unscales copies of the grads. Eager on CPU; ext and the Triton interpreter under their markers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rotkern import FusedRotatedAdamW, RotatedAdamW
 from rotkern.testing import assert_close_to_ref
 
 from ._backends import CPU_BACKENDS
+from ._host_reads import HostReads
 
 BACKENDS = CPU_BACKENDS
 
@@ -23,7 +25,7 @@ def _model():
 
 
 def _opt(model, backend, **kw):
-    kw = dict(lr=1e-2, rotation="global", block_size=8, **kw)
+    kw = {"lr": 1e-2, "rotation": "global", "block_size": 8, **kw}
     if backend == "eager":
         return RotatedAdamW(model.parameters(), **kw)
     return FusedRotatedAdamW(model.parameters(), backend=backend, precision="ieee", **kw)
@@ -87,3 +89,109 @@ def test_rotation_none_matches_torch_fused_adamw_under_a_grad_scaler():
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert_close_to_ref(a, b, "identity_vs_torch", what="param")
         assert float(opt.state[a]["step"]) == float(ref.state[b]["step"]) == 5.0
+
+
+FUSED = [b for b in BACKENDS if b.values[0] != "eager"]
+
+
+def _scaled_step(opt, grad_scale=None, found_inf=None):
+    """What GradScaler.step does around an optimizer that supports amp scaling."""
+    opt.grad_scale, opt.found_inf = grad_scale, found_inf
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+
+
+def _bf16_model():
+    model = _model()
+    model[0].to(torch.bfloat16)  # bf16 params and grads in one unit of the global scope, fp32 in the other
+    return model
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("scope", ["none", "output", "global"])
+@pytest.mark.parametrize("scale", [2.0**12, 3000.0, 0.7])
+def test_in_kernel_unscale_equals_dividing_the_grads_first(backend, scope, scale):
+    """The kernels' division is IEEE (not a multiply by 1/scale, which differs for a scale that is not 2^k): a
+    scaled step is bit for bit the step on grads divided by the scale beforehand, bf16 grads included."""
+    scaled, plain = _bf16_model(), _bf16_model()
+    opt_s, opt_p = (_opt(m, backend, rotation=scope) for m in (scaled, plain))
+    gs = torch.tensor(scale)
+    for t in range(3):
+        gen = torch.Generator().manual_seed(t)
+        for (ps, pp) in zip(scaled.parameters(), plain.parameters(), strict=True):
+            g = torch.randn(ps.shape, generator=gen).to(ps.dtype)
+            ps.grad = g.clone()
+            pp.grad_dtype = None  # the reference takes fp32 grads for bf16 params
+            pp.grad = g.float() / gs  # fp32: what the kernels compute from the bf16 grad
+        grads = [p.grad.clone() for p in scaled.parameters()]
+        _scaled_step(opt_s, gs, torch.zeros(()))
+        opt_p.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(scaled.parameters(), grads, strict=True))
+    for a, b in zip(scaled.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(opt_s.state.values(), opt_p.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("scope", ["none", "global"])
+def test_a_found_inf_step_writes_nothing_even_the_first(backend, scope):
+    """found_inf read in the kernels: a first step with inf creates the state as torch's fused AdamW does (zero
+    moments, step 0) and changes no param; a later one changes nothing at all; the next finite step is the step an
+    optimizer that never saw the inf ones takes."""
+    model, ref = _model(), _model()
+    opt, opt_ref = _opt(model, backend, rotation=scope), _opt(ref, backend, rotation=scope)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    _scaled_step(opt, torch.tensor(2.0), torch.ones(()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(float(st["step"]) == 0 and not st["exp_avg"].any() for st in opt.state.values())
+    for t in range(3):
+        gen = torch.Generator().manual_seed(t)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            q.grad = torch.randn(p.shape, generator=gen)
+            p.grad = q.grad * 2
+        _scaled_step(opt, torch.tensor(2.0), torch.zeros(()))
+        opt_ref.step()
+        snap = _snapshot(model, opt)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("inf"))
+        _scaled_step(opt, torch.tensor(2.0), torch.ones(()))
+        params, state = snap
+        assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+        for pid, st in opt.state_dict()["state"].items():
+            assert all(torch.equal(v, state[pid][k]) for k, v in st.items() if torch.is_tensor(v)), pid
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("scope", ["none", "output", "global"])
+def test_the_fused_step_reads_nothing_of_the_scaler_on_the_host(backend, scope):
+    """The device path: under a GradScaler, the Triton step reads no tensor value on the host (each such read is a
+    sync on CUDA; tests/optim/test_capturable.py counts real syncs on a GPU). The ext op runs on the CPU, where the
+    launcher may read step counts; the scaler adds no read to it."""
+    model = _model()
+    opt = _opt(model, backend, rotation=scope, lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.99)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    counts = []
+    for t in range(4):
+        opt.zero_grad()
+        loss = _loss(model, t) * (float("inf") if t == 2 else 1.0)
+        scaler.scale(loss).backward()
+        with HostReads() as scaled:
+            scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        _loss(model, t).backward()
+        with HostReads() as plain:
+            opt.step()
+        counts.append((scaled.count, plain.count))
+    if backend == "triton":
+        assert counts == [(0, 0)] * 4
+    else:
+        assert all(a == b for a, b in counts), counts
+    assert float(next(iter(opt.state.values()))["step"]) == 7  # 8 steps, one skipped
