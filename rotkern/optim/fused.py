@@ -27,6 +27,13 @@ class FusedRotatedAdamW(RotatedAdamW):
     move between the two both ways. Differences: ``state["step"]`` lives on the param's device (the
     kernels read it there), and a tensor ``lr`` is read on the device, so a step never syncs with the host.
 
+    ``capturable=True`` (torch's meaning: the step can be captured in a CUDA graph and replayed): accepted for groups
+    the Triton kernels step alone (static scopes, no stochastic rounding, no DTensors); lr and betas may be tensors
+    on the params' device, read at every replay. Capture after a warm-up step (the state must exist) and keep the
+    grads allocated (``zero_grad(set_to_none=False)``); a step that cannot be replayed raises RuntimeError naming
+    why. Under ``torch.amp.GradScaler`` the kernels read ``grad_scale`` and ``found_inf`` on the device (no host
+    sync), on the ext backend too.
+
     Args (keyword-only, beyond RotatedAdamW's):
         precision: ``tl.dot`` input precision of the rotations: ``tf32x3`` (default: fp32-level accuracy on
             tensor cores), ``ieee`` (true fp32, slow on tensor-core GPUs) or ``tf32`` (fastest; about 1e-3
@@ -82,6 +89,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         self._svd_dense_cache: dict[tuple, tuple] = {}
 
     _config_attrs = ("compute_dtype", "precision", "backend")
+    _supports_capturable = True
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -102,6 +110,8 @@ class FusedRotatedAdamW(RotatedAdamW):
         units = units or [u for u in plan.units if _dense_bases(u)]
         if not units:
             plan.backend = "eager"
+            if plan.group.get("capturable"):
+                self._check_capturable(plan)
             return
         params = plan.group["params"]
         explicit = bool(os.environ.get("ROTKERN_BACKEND")) or self.backend != "auto"
@@ -122,6 +132,38 @@ class FusedRotatedAdamW(RotatedAdamW):
             warn_fallback(backend, reason)
             backend = "eager"
         plan.backend = backend
+        if plan.group.get("capturable"):
+            self._check_capturable(plan)
+
+    def _check_capturable(self, plan: GroupStep) -> None:
+        """capturable=True: the step must be one that a CUDA graph can replay (nothing read or staged on the host),
+        i.e. the Triton kernels alone on tensors whose state exists; RuntimeError naming the fix otherwise."""
+        group, where = plan.group, f"param group {plan.gi} (capturable=True)"
+        if plan.backend != "triton":
+            raise RuntimeError(
+                f"{where} runs on the {plan.backend!r} backend, which reads values on the host; a capturable step "
+                "needs the Triton backend (CUDA params, or the CPU under TRITON_INTERPRET=1)"
+            )
+        if plan.extra.get("sharded") or any(isinstance(u.rotation, DynamicRotation) for u in plan.units):
+            raise RuntimeError(
+                f"{where}: rotation={group['rotation']!r} on DTensor params or with a dynamic basis (svd, eigen) "
+                "computes on the host side of the step; pass capturable=False for this group"
+            )
+        device = group["params"][plan.units[0].params[0]].device
+        for name, x in (("lr", group["lr"]), ("betas[0]", group["betas"][0]), ("betas[1]", group["betas"][1])):
+            if torch.is_tensor(x) and x.device != device:
+                raise RuntimeError(
+                    f"{where}: {name} is a tensor on {x.device}, the params are on {device}; a captured step reads "
+                    f"it on the device: put it there (or pass a float, fixed at capture)"
+                )
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            params = group["params"]
+            if any(params[i] not in self.state for i in plan.touched):
+                raise RuntimeError(
+                    f"{where}: a param has no optimizer state yet, and creating it inside the graph would zero it "
+                    "at every replay; run one step (a warm-up, as torch's capturable optimizers need) before "
+                    "capturing"
+                )
 
     def _may_scale_in_kernel(self) -> bool:
         return not any(g["rotation"] in ("svd", "eigen") for g in self.param_groups)

@@ -52,7 +52,8 @@ class RotatedAdamW(RotatedOptimizerBase):
     Args:
         foreach, fused: accepted for drop-in compatibility with torch.optim.AdamW and kept in the param groups;
             the implementation is rotkern's own (eager torch ops here, ``backend=`` in FusedRotatedAdamW).
-        capturable, differentiable: must be False (ValueError otherwise): neither is implemented.
+        capturable: must be False here (ValueError otherwise); :class:`rotkern.FusedRotatedAdamW` implements it.
+        differentiable: must be False (ValueError otherwise): not implemented.
         rotation: scope: ``none`` | ``global`` | ``layer`` | ``output`` | ``input`` | ``svd``.
         block_size: Haar block size n (default 768, the paper's).
         seed: rotation seed; the same seed gives the same rotations on any machine.
@@ -153,6 +154,8 @@ class RotatedAdamW(RotatedOptimizerBase):
 
     _moment_keys = ("exp_avg", "exp_avg_sq")
     _supports_dynamic = True
+    # Whether capturable=True is accepted (FusedRotatedAdamW: its Triton step reads everything on the device).
+    _supports_capturable = False
 
     def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         check_hyper("learning rate", group["lr"], where=where)
@@ -165,11 +168,21 @@ class RotatedAdamW(RotatedOptimizerBase):
         check_hyper("weight_decay value", group["weight_decay"], where=where)
         if not isinstance(group.get("stochastic_rounding", False), bool):
             raise ValueError(f"{where}stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}")
-        for key, what in (("capturable", "CUDA-graph capture of the step"), ("differentiable", "autograd through it")):
-            if group.get(key):
-                raise ValueError(
-                    f"{where}{key}=True ({what}) is not supported by rotkern's optimizers; pass {key}=False"
-                )
+        if group.get("differentiable"):
+            raise ValueError(
+                f"{where}differentiable=True (autograd through the step) is not supported by rotkern's optimizers; "
+                "pass differentiable=False"
+            )
+        if group.get("capturable") and not self._supports_capturable:
+            raise ValueError(
+                f"{where}capturable=True (CUDA-graph capture of the step) is not supported by {type(self).__name__}; "
+                "use FusedRotatedAdamW (its Triton step is capturable), or pass capturable=False"
+            )
+        if group.get("capturable") and group.get("stochastic_rounding"):
+            raise ValueError(
+                f"{where}capturable=True with stochastic_rounding=True: the rounding draws its random bits on the "
+                "host each step, which a captured graph would replay unchanged; pass one of them as False"
+            )
 
     def _plan_backend(self, plan: GroupStep) -> None:
         group = plan.group
@@ -208,6 +221,11 @@ class RotatedAdamW(RotatedOptimizerBase):
         # fused kernels take both as device tensors (no host sync, as torch's fused AdamW); any other step reads
         # found_inf on the host (a sync on CUDA) and unscales copies of the grads. The dynamic scopes check their
         # gradients while planning, so for them the host read comes first.
+        if _capturing() and not all(g["capturable"] for g in self.param_groups):
+            raise RuntimeError(
+                f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} but param_groups' "
+                "capturable is False (pass capturable=True to FusedRotatedAdamW)"
+            )
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         host_read = found_inf is not None and not self._may_scale_in_kernel()
@@ -286,6 +304,10 @@ class RotatedAdamW(RotatedOptimizerBase):
     def _scales_in_kernel(self, plan: GroupStep) -> bool:
         """Whether this group's step unscales and skips on found_inf inside its kernels."""
         return False
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _scalar(x: float | torch.Tensor) -> float:

@@ -6,6 +6,7 @@ unscales copies of the grads. Eager on CPU; ext and the Triton interpreter under
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -195,3 +196,30 @@ def test_the_fused_step_reads_nothing_of_the_scaler_on_the_host(backend, scope):
     else:
         assert all(a == b for a, b in counts), counts
     assert float(next(iter(opt.state.values()))["step"]) == 7  # 8 steps, one skipped
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"), reason="host syncs need CUDA"
+)
+@pytest.mark.parametrize("scope", ["none", "output", "global"])
+def test_scaler_step_never_syncs_with_the_host(scope):
+    """On CUDA, scaler.step(opt) with the Triton step: torch.cuda.set_sync_debug_mode("error") raises on any sync."""
+    model = _model().cuda()
+    opt = FusedRotatedAdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), rotation=scope, block_size=16,
+                            backend="triton")  # fmt: skip
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    x = torch.randn(4, 6, device="cuda")
+    for t in range(4):
+        opt.zero_grad(set_to_none=False)
+        loss = model(x).square().sum() * (float("inf") if t == 3 else 1.0)
+        scaler.scale(loss).backward()
+        if t >= 2:  # after the first steps built the kernels' cached tables
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+    assert float(next(iter(opt.state.values()))["step"]) == 3  # the inf step was skipped on the device
