@@ -119,12 +119,14 @@ class RotatedOptimizerBase(Optimizer):
     # Whether the step implements the dynamic scopes (svd, eigen: the basis changes happen in the step).
     _supports_dynamic = False
     # Attributes beyond torch's defaults/state/param_groups that copies (deepcopy, pickle) must keep.
-    _config_attrs: tuple[str, ...] = ("compute_dtype", "basis_stats")
+    _config_attrs: tuple[str, ...] = ("compute_dtype", "state_dtype", "basis_stats")
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], compute_dtype: torch.dtype) -> None:
         if compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
         self.compute_dtype = compute_dtype
+        # The dtype moments are stored in between steps (state_dtype=): the compute dtype unless a subclass lowers it.
+        self.__dict__.setdefault("state_dtype", compute_dtype)
         # Decomposition fallbacks of the dynamic scopes (rotkern.bases.robust_decomposition): kind -> count.
         self.basis_stats: dict[str, int] = {}
         self._unit_cache: dict[int, tuple[tuple, tuple, list[Unit]]] = {}
@@ -140,6 +142,7 @@ class RotatedOptimizerBase(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("compute_dtype", torch.float32)
+        self.__dict__.setdefault("state_dtype", self.compute_dtype)
         self.__dict__.setdefault("basis_stats", {})
         # Units hold caches bound to this object's state (svd bases); copies rebuild their own.
         self._unit_cache = {}
@@ -514,9 +517,9 @@ class RotatedOptimizerBase(Optimizer):
         for key in self._moment_keys + extra_keys:
             if key not in state:
                 if _sharded.is_dtensor(p):  # sharded like the param (what torch.distributed.checkpoint saves)
-                    state[key] = torch.zeros_like(p, dtype=self.compute_dtype, memory_format=torch.contiguous_format)
+                    state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
                 else:
-                    state[key] = torch.zeros(p.shape, dtype=self.compute_dtype, device=p.device)
+                    state[key] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
         return state
 
     # -- state_dict -----------------------------------------------------------------------------------

@@ -246,6 +246,9 @@ def _decode(st: Mapping, fmt: int | None, scope: str | None, label: str) -> dict
     return {k[len(PREFIX) :]: v for k, v in st.items() if k in prefixed}
 
 
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
 def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, label: str, want_svd: dict) -> dict:
     missing = [k for k in ("step",) + opt._moment_keys if k not in st]
     if missing:
@@ -270,9 +273,10 @@ def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, labe
             raise ValueError(f"checkpoint state '{key}' of {label} has shape {tuple(val.shape)}, {what} {want}")
         if not (val.is_floating_point() or val.is_complex()):
             raise ValueError(f"checkpoint state '{key}' of {label} has dtype {val.dtype}; expected floating point")
-        new[key] = val.detach().to(
-            device=p.device, dtype=opt.compute_dtype, memory_format=torch.contiguous_format, copy=True
-        )
+        # Moments in this optimizer's state dtype (a bf16-moment checkpoint loads into fp32 moments exactly, an fp32
+        # one into bf16 moments rounded to nearest); bases in the compute dtype.
+        dtype = opt.state_dtype if key in _MOMENT_KEYS else opt.compute_dtype
+        new[key] = val.detach().to(device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     return new
 
 

@@ -88,7 +88,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         # (id(param), piece) -> (the stored reflectors, their version, (L, R)): see _svd_dense
         self._svd_dense_cache: dict[tuple, tuple] = {}
 
-    _config_attrs = ("compute_dtype", "precision", "backend")
+    _config_attrs = ("compute_dtype", "state_dtype", "basis_stats", "precision", "backend")
     _supports_capturable = True
 
     def __setstate__(self, state: dict) -> None:

@@ -76,6 +76,11 @@ class RotatedAdamW(RotatedOptimizerBase):
             runs on an fp32 copy of such params. No effect on fp32 / fp64 params.
         compute_dtype: torch.float32 (default) or torch.float64 (for precision tests); moments (and SVD
             bases) are stored in this dtype whatever the param dtype.
+        state_dtype: the dtype moments are stored in between steps: None (the compute dtype) or torch.bfloat16
+            (half the memory of fp32 moments; lossy: every step still computes in the compute dtype, on copies of
+            the moments, and rounds the new moments to nearest bf16, so updates of v smaller than half a bf16 ulp,
+            about (1 - beta2) g^2 < 2^-9 v, are lost; measured in the README). Each group's step holds fp32 copies
+            of its moments while it runs. Not with capturable=True.
 
     State per param (torch.optim.AdamW's keys): ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq``
     and with amsgrad ``max_exp_avg_sq``, each with the param's shape, holding the rotated-layout moments;
@@ -119,7 +124,13 @@ class RotatedAdamW(RotatedOptimizerBase):
         basis_change: str = "auto",
         stochastic_rounding: bool = False,
         compute_dtype: torch.dtype = torch.float32,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
+        if state_dtype not in (None, compute_dtype, torch.bfloat16):
+            raise ValueError(
+                f"state_dtype must be None (the compute dtype, {compute_dtype}) or torch.bfloat16, got {state_dtype}"
+            )
+        self.state_dtype = compute_dtype if state_dtype is None else state_dtype
         check_hyper("learning rate", lr)
         check_hyper("epsilon value", eps)
         check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0)
@@ -177,6 +188,11 @@ class RotatedAdamW(RotatedOptimizerBase):
             raise ValueError(
                 f"{where}capturable=True (CUDA-graph capture of the step) is not supported by {type(self).__name__}; "
                 "use FusedRotatedAdamW (its Triton step is capturable), or pass capturable=False"
+            )
+        if group.get("capturable") and self.state_dtype != self.compute_dtype:
+            raise ValueError(
+                f"{where}capturable=True with state_dtype={self.state_dtype}: the step would stage the moments "
+                "through new fp32 copies, whose addresses a captured graph cannot follow; keep fp32 moments"
             )
         if group.get("capturable") and group.get("stochastic_rounding"):
             raise ValueError(
@@ -263,13 +279,19 @@ class RotatedAdamW(RotatedOptimizerBase):
                     basis_stats=self.basis_stats,
                 )
             step_fn = self._sharded_adamw if plan.extra.get("sharded") else self._rotated_adamw
+            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+            stored = [[s and s[k] for s in states] for k in keys]
+            # state_dtype=bf16: the step runs on compute-dtype copies, rounded back to the stored dtype after it.
+            moments = stored if self.state_dtype == self.compute_dtype else [
+                [t if t is None else t.to(self.compute_dtype) for t in ts] for ts in stored
+            ]  # fmt: skip
             step_fn(
                 plan,
                 params,
                 grads,
-                [s and s["exp_avg"] for s in states],
-                [s and s["exp_avg_sq"] for s in states],
-                [s and s.get("max_exp_avg_sq") for s in states] if group["amsgrad"] else None,
+                moments[0],
+                moments[1],
+                moments[2] if group["amsgrad"] else None,
                 [s and s["step"] for s in states],
                 plan.units,
                 lr=group["lr"],
@@ -283,6 +305,11 @@ class RotatedAdamW(RotatedOptimizerBase):
                 **svd,
                 **scaling,
             )
+            if moments is not stored:
+                for ts, copies in zip(stored, moments, strict=True):
+                    for t, c in zip(ts, copies, strict=True):
+                        if t is not None:
+                            t.copy_(c)
             self._finish_group(plan)
         return loss
 

@@ -97,7 +97,7 @@ class CompareConfig(TrainConfig):
     # semicolon-separated runs, each "entry[,key=value...]": an entry of --scopes plus TrainConfig options of its
     # own (keys: block_size structure embedding split_qkv vectors rotate_only rotate_except svd_every
     # precondition_every shampoo_beta max_precond_dim basis_change precision lr min_lr warmup_steps beta1 beta2 eps
-    # weight_decay momentum grad_clip), e.g. "none; output; output,embedding=as_linear; layer,rotate_only=v"
+    # weight_decay momentum grad_clip state_dtype), e.g. "none; output; output,embedding=as_linear; layer,rotate_only=v"
     # (a type list is q+k or q,k). Labels are the texts; replaces --scopes when given
     variants: str = ""
     # one option swept over values, crossed with every entry of --scopes (or --variants): "key=v1,v2,..", e.g.
@@ -146,7 +146,7 @@ def parse_seeds(spec: str, seed: int) -> list[int]:
 VARIANT_KEYS = (
     "block_size", "structure", "embedding", "split_qkv", "vectors", "rotate_only", "rotate_except", "svd_every",
     "precondition_every", "shampoo_beta", "max_precond_dim", "basis_change", "precision", "lr", "min_lr",
-    "warmup_steps", "beta1", "beta2", "eps", "weight_decay", "momentum", "grad_clip",
+    "warmup_steps", "beta1", "beta2", "eps", "weight_decay", "momentum", "grad_clip", "state_dtype",
 )  # fmt: skip
 # Options that change nothing for rotation none and the baseline optimizers other than soap (a sweep over one of
 # them runs those entries once, shared by every value).

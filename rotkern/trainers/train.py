@@ -99,6 +99,9 @@ class TrainConfig:
     max_precond_dim: int = 10000  # rotation=eigen / soap: matrix sides longer than this keep no basis
     basis_change: str = "auto"  # svd / eigen: moments at a basis change: auto | keep | transport | transport_m | reset
     precision: str = "tf32x3"  # rotated-fused dot precision: ieee | tf32x3 | tf32
+    # rotated AdamW: the dtype Adam's moments are stored in between steps: float32 | bfloat16 (half the optimizer
+    # memory; lossy: small updates of v are lost to rounding; README "Mixed precision")
+    state_dtype: str = "float32"
     backend: str = "auto"  # rotated-fused backend (see rotkern._backend)
     lr: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # cosine floor
@@ -208,10 +211,15 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         "embedding": EMBEDDING_ORIENTATIONS,
         "vectors": VECTOR_POLICIES,
         "shard_mode": ("local", "gather"),
+        "state_dtype": ("float32", "bfloat16"),
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise TrainerError(f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if cfg.state_dtype != "float32" and cfg.optimizer not in ("rotated-eager", "rotated-fused", "soap"):
+        raise TrainerError(
+            f"--state_dtype={cfg.state_dtype} sets rotated AdamW's moments; --optimizer={cfg.optimizer} does not use it"
+        )
     for key in ("steps", "batch_size", "grad_accum", "svd_every", "precondition_every", "max_precond_dim"):
         if getattr(cfg, key) < 1:
             raise TrainerError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
@@ -513,6 +521,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     name = optimizer or cfg.optimizer
     betas = (cfg.beta1, cfg.beta2)
+    state_dtype = torch.bfloat16 if cfg.state_dtype == "bfloat16" else None
     if name == "muon":
         from .baselines import MuonWithAdamW
 
@@ -561,6 +570,7 @@ def make_optimizer(
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
             compute_dtype=compute_dtype,
+            state_dtype=state_dtype,
             **rot,
         )
     cls = fused_class()
@@ -573,6 +583,7 @@ def make_optimizer(
             weight_decay=cfg.weight_decay,
             precision=cfg.precision,
             backend=cfg.backend,
+            state_dtype=state_dtype,
             **rot,
         )
     except (RuntimeError, ValueError) as e:
