@@ -13,7 +13,6 @@ tables, which only hold valid addresses for the memory the program actually runs
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -41,10 +40,25 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 log = logging.getLogger("rotkern")
 _logged: set[tuple] = set()
 
+# Probed once per process. A plain dict read, not functools.cache: torch.compile ignores that cache and would trace
+# (and re-run) the probe inside a compiled step; this way it reads the stored answer as a constant.
+_PROBED: dict[str, object] = {}
 
-@functools.cache
+
 def triton_available() -> bool:
     """True when ``import triton`` succeeds."""
+    if "triton" in _PROBED:
+        return bool(_PROBED["triton"])
+    return _probe_triton()
+
+
+@torch.compiler.disable
+def _probe_triton() -> bool:
+    _PROBED["triton"] = ok = _triton_imports()
+    return ok
+
+
+def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # ImportError, or a broken install raising anything else at import
@@ -75,8 +89,19 @@ def can_run_triton(t: torch.Tensor) -> bool:
     return why_not_triton(t) is None
 
 
-@functools.cache
 def _ext_import_error() -> str | None:
+    if "ext" in _PROBED:
+        return _PROBED["ext"]  # type: ignore[return-value]
+    return _probe_ext()
+
+
+@torch.compiler.disable
+def _probe_ext() -> str | None:
+    _PROBED["ext"] = reason = _ext_probe()
+    return reason
+
+
+def _ext_probe() -> str | None:
     if importlib.util.find_spec("rotkern._C") is None:
         return "needs the compiled extension rotkern._C, which is not built (make ext)"
     try:

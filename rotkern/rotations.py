@@ -139,6 +139,28 @@ def random_permutation(
     return torch.sort(keys, stable=True).indices
 
 
+# R_n and R_p by (structure, sizes, seed, dtype, device): looked up in a plain dict, which torch.compile traces
+# (the matrix becomes a constant of the graph); built outside the graph (tracing would re-run the QR every step).
+_BLOCKS: dict[tuple, torch.Tensor] = {}
+
+
+def _block_matrix(structure: str, parts: tuple[int, ...], seed: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    hit = _BLOCKS.get((structure, parts, seed, dtype, device))
+    return hit if hit is not None else _build_block_matrix(structure, parts, seed, dtype, device)
+
+
+@torch.compiler.disable
+def _build_block_matrix(structure: str, parts: tuple[int, ...], seed: int, dtype: torch.dtype, device: str):
+    if len(_BLOCKS) >= 256:
+        _BLOCKS.clear()
+    if structure == "hadamard":
+        block = _hadamard_cached(parts, seed, dtype, device)
+    else:
+        block = _haar_cached(parts[0], seed, dtype, device)
+    _BLOCKS[(structure, parts, seed, dtype, device)] = block
+    return block
+
+
 @torch.compiler.disable  # built once and cached; tracing it would re-run the QR in every compiled step
 @functools.lru_cache(maxsize=128)
 def _haar_cached(n: int, seed: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
@@ -241,9 +263,7 @@ class BlockRotation:
         """R_n, (n, n), or None when the vector is shorter than one block."""
         if self.num_blocks == 0:
             return None
-        if self.structure == "hadamard":
-            return _hadamard_cached((self.block_size,), self.seed, dtype, str(torch.device(device)))
-        return _haar_cached(self.block_size, self.seed, dtype, str(torch.device(device)))
+        return _block_matrix(self.structure, (self.block_size,), self.seed, dtype, str(torch.device(device)))
 
     def residual_block(
         self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
@@ -251,9 +271,8 @@ class BlockRotation:
         """R_p, (p, p), or None when p = 0."""
         if self.residual == 0:
             return None
-        if self.structure == "hadamard":
-            return _hadamard_cached(tuple(_pow2_parts(self.residual)), self.seed, dtype, str(torch.device(device)))
-        return _haar_cached(self.residual, self.seed, dtype, str(torch.device(device)))
+        parts = tuple(_pow2_parts(self.residual)) if self.structure == "hadamard" else (self.residual,)
+        return _block_matrix(self.structure, parts, self.seed, dtype, str(torch.device(device)))
 
     def permutation(self, device: torch.device | str = "cpu", *, cache: bool = True) -> torch.Tensor | None:
         """pi as int64 (L,) with ``(pi x)[i] = x[pi[i]]``, or None for no permutation.
@@ -285,10 +304,15 @@ class BlockRotation:
 
         return self._get(("iperm", str(device)), build)
 
-    @torch.compiler.disable  # lazy construction (numpy streams, sorting) is host work, not part of a step
     def _get(self, key, make):
-        if key not in self._cache:
-            self._cache[key] = make()
+        # A plain dict lookup, which torch.compile traces (the tensor becomes a guarded constant of the graph); only
+        # the construction (numpy streams, sorting: host work) is hidden from it.
+        hit = self._cache.get(key)
+        return hit if hit is not None else self._build(key, make)
+
+    @torch.compiler.disable
+    def _build(self, key, make):
+        self._cache[key] = make()
         return self._cache[key]
 
     def spec(self) -> dict:

@@ -120,7 +120,10 @@ def rotated_adamw_step_ext(
         if unit.rotation is None:
             # Element-wise units batch into one call per (dtypes, step count): one parallel region for scope none.
             i = unit.params[0]
-            identity.setdefault((params[i].dtype, grads[i].dtype, float(state_steps[i])), []).append(unit)
+            # Batching needs equal step counts, read on the host; a compiled step (which must not read them) makes
+            # one call per unit instead.
+            count = i if torch.compiler.is_compiling() else float(state_steps[i])
+            identity.setdefault((params[i].dtype, grads[i].dtype, count), []).append(unit)
             continue
         members, segs, layout, rot, tables = _describe(unit, decay_mask)
         if tables is not None:

@@ -841,3 +841,61 @@ def _check_tensors(i: int, checks: list, device: torch.device, first: int) -> No
             raise ValueError(f"param {i}: {name} has dtype {t.dtype}; expected a floating-point dtype")
         if name.startswith(("exp_", "max_")) and t.dtype != torch.float32:
             raise ValueError(f"param {i}: {name} is {t.dtype}; the Triton step keeps fp32 moments")
+
+# %% torch.library op --------------------------------------------------------------------------------------
+# torch.compile sees the step as this one opaque op (with a fake implementation: it returns nothing and mutates
+# its inputs), instead of tracing into the launcher's host code (numpy tables, data pointers), which would break
+# the graph. The units and the plan cache stay on the caller, found through ``handle`` (kernels._op_registry).
+@torch.library.custom_op(
+    "rotkern::rotated_adamw_step",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+)
+def rotated_adamw_step_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    scalars: list[torch.Tensor | None],
+    floats: list[float],
+    handle: int,
+    group: int,
+    active: list[int],
+    num_params: int,
+    decay: list[int],
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """:func:`rotated_adamw_step` as a torch.library op. Tensors come for the touched params only, in the order the
+    active units first name them; ``scalars`` = [lr, beta1, beta2, grad_scale, found_inf] (None: not a tensor),
+    ``floats`` = [lr, beta1, beta2, eps, weight_decay] (the values used where ``scalars`` has None); ``active``:
+    indices of the stepped units in ``owner.op_context(group)[0]``; ``decay``: the group's decay mask (empty:
+    none). The owner (``handle``) provides ``op_context(group) -> (units, precision, plan_cache)``."""
+    from ._op_registry import lookup
+
+    all_units, precision, cache = lookup(handle).op_context(group)
+    units = [all_units[k] for k in active]
+    touched = list(dict.fromkeys(i for u in units for i in u.params))
+
+    def full(xs):
+        out = [None] * num_params
+        for i, x in zip(touched, xs, strict=True):
+            out[i] = x
+        return out
+
+    lr, beta1, beta2, grad_scale, found_inf = scalars
+    rotated_adamw_step(
+        full(params), full(grads), full(exp_avgs), full(exp_avg_sqs), full(max_exp_avg_sqs) if amsgrad else None,
+        full(state_steps), units,
+        lr=floats[0] if lr is None else lr, beta1=floats[1] if beta1 is None else beta1,
+        beta2=floats[2] if beta2 is None else beta2, eps=floats[3], weight_decay=floats[4],
+        decay_mask=[bool(d) for d in decay] if decay else None, amsgrad=amsgrad, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf, precision=precision, plan_cache=cache,
+    )  # fmt: skip
+
+
+@rotated_adamw_step_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, scalars, floats, handle, group, active,
+      num_params, decay, amsgrad, maximize) -> None:  # fmt: skip
+    return None

@@ -349,11 +349,14 @@ class RotatedOptimizerBase(Optimizer):
         grads = self._check_group(gi, group)
         params = group["params"]
         empty = [i for i, g in enumerate(grads) if g is not None and params[i].numel() == 0]
-        active, touched = [], {}
+        active, touched, indices = [], {}, []
+        k = -1
         for unit in self.units(gi):
+            k += 1
             members = unit.params
             if all(grads[i] is None for i in members):
                 continue
+            indices.append(k)
             if len(members) > 1:
                 devices = {params[i].device for i in members}
                 if len(devices) > 1:
@@ -368,6 +371,7 @@ class RotatedOptimizerBase(Optimizer):
             return None
         absent = [i for i in touched if grads[i] is None]
         plan = GroupStep(gi, group, grads, active, list(touched), absent, empty)
+        plan.extra["unit_indices"] = indices  # positions of the active units in self.units(gi)
         if params and _sharded.is_dtensor(params[0]):
             plan.extra["sharded"] = True
         if active:

@@ -10,6 +10,7 @@ import torch
 
 from .._backend import BACKENDS, PRECISIONS, resolve_backend, warn_fallback
 from ..bases import DEFAULT_BASIS_CHANGE, DynamicRotation, EigenRotation, SvdRotation
+from ..kernels import _op_registry
 from ..scopes import Unit
 from ._base import GroupStep
 from .rotated_adamw import RotatedAdamW
@@ -83,6 +84,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         self.backend = backend
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
         self._plans = None  # per-optimizer cache of the kernels' metadata, made on the first Triton step
+        self._op_handle = _op_registry.register(self)  # how the compiled step's op finds this optimizer
         self.backend_used: str | None = None  # what the last step ran: "triton", "ext" or "eager"
         self.two_sided_steps = 0  # unit steps of dynamic units run by the two-sided Triton kernel
         # (id(param), piece) -> (the stored reflectors, their version, (L, R)): see _svd_dense
@@ -96,9 +98,15 @@ class FusedRotatedAdamW(RotatedAdamW):
         self.__dict__.setdefault("precision", "tf32x3")
         self.__dict__.setdefault("backend", "auto")
         self._plans = None
+        self._op_handle = _op_registry.register(self)
         self.backend_used = None
         self.two_sided_steps = 0
         self._svd_dense_cache = {}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_op_handle", None)  # a copy registers itself
+        return state
 
     def _step_device(self, p: torch.Tensor) -> torch.device:
         return p.device
@@ -110,7 +118,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         units = units or [u for u in plan.units if _dense_bases(u)]
         if not units:
             plan.backend = "eager"
-            if plan.group.get("capturable"):
+            if _capturable(plan.group):
                 self._check_capturable(plan)
             return
         params = plan.group["params"]
@@ -132,7 +140,7 @@ class FusedRotatedAdamW(RotatedAdamW):
             warn_fallback(backend, reason)
             backend = "eager"
         plan.backend = backend
-        if plan.group.get("capturable"):
+        if _capturable(plan.group):
             self._check_capturable(plan)
 
     def _check_capturable(self, plan: GroupStep) -> None:
@@ -204,14 +212,45 @@ class FusedRotatedAdamW(RotatedAdamW):
 
             rotated_adamw_step_ext(*args, **kwargs)
             return
-        from ..kernels._rotated_adamw_plan import PlanCache
+        if torch.compiler.is_compiling() and len(units) == len(plan.units) and not plan.extra.get("sharded"):
+            self._triton_op(plan, *args, **kwargs)
+            return
         from ..kernels.rotated_adamw_step import rotated_adamw_step  # imports triton: only on this path
+
+        _, precision, cache = self.op_context(plan.gi)
+        rotated_adamw_step(*args, precision=precision, plan_cache=cache, **kwargs)
+
+    def op_context(self, gi: int) -> tuple[list[Unit], str, object]:
+        """(units of group ``gi``, precision, the kernels' plan cache): what the Triton op reads from its caller."""
+        from ..kernels._rotated_adamw_plan import PlanCache
 
         if self._plans is None:
             self._plans = PlanCache()
         # A few plans per group: the set of units with grads can change from step to step.
         self._plans.maxsize = max(self._plans.maxsize, 4 * len(self.param_groups) + 4)
-        rotated_adamw_step(*args, precision=self.precision, plan_cache=self._plans, **kwargs)
+        return self.units(gi), self.precision, self._plans
+
+    def _triton_op(
+        self, plan, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, *, lr, beta1, beta2,
+        eps, weight_decay, decay_mask=None, amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
+    ) -> None:  # fmt: skip
+        """The Triton step under torch.compile: one torch.library op (rotkern::rotated_adamw_step), so the
+        compiled step has no graph break here and reads lr, betas and GradScaler's tensors in the kernels."""
+        from ..kernels.rotated_adamw_step import rotated_adamw_step_op
+
+        touched = list(dict.fromkeys(i for u in units for i in u.params))
+
+        def pick(xs):
+            return [xs[i] for i in touched] if xs is not None else []
+
+        scalars = [x if torch.is_tensor(x) else None for x in (lr, beta1, beta2)] + [grad_scale, found_inf]
+        floats = [0.0 if torch.is_tensor(x) else float(x) for x in (lr, beta1, beta2)] + [eps, weight_decay]
+        rotated_adamw_step_op(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
+            pick(state_steps), scalars, [float(f) for f in floats], self._op_handle, plan.gi,
+            list(plan.extra["unit_indices"]), len(params),
+            [] if decay_mask is None else [int(bool(d)) for d in decay_mask], bool(amsgrad), bool(maximize),
+        )  # fmt: skip
 
     def _two_sided(
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, *, lr, beta1, beta2, eps,
@@ -300,6 +339,12 @@ _FUSED_SVD = True
 # (n, n) matrix formed once per recompute and cached (n^2 floats: 36 MB at n = 3072, GPT-2's MLP). Longer sides
 # (a 50304-token embedding) stay on the eager reference, which applies the reflectors with ormqr.
 SVD_DENSE_SIDE_MAX = 4096
+
+
+def _capturable(group: dict) -> bool:
+    # Inside torch.compile, Dynamo shows every param group of an optimizer with capturable=True (it assumes a
+    # compiled step syncs nothing); the group's own setting is only known outside it.
+    return bool(group.get("capturable")) and not torch.compiler.is_compiling()
 
 
 def _dense_bases(unit: Unit) -> bool:

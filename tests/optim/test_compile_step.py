@@ -1,15 +1,19 @@
 """torch.compile around opt.step() (issue 15): the compiled step equals the eager one bit for bit on the eager
-path and on the extension's op, and a changing (tensor) lr does not recompile it: the compile counters stay put
-over a 100-step schedule. (rotkern's step still has graph breaks: its kernels are not yet torch.library ops.)"""
+path, on the extension's op and on the Triton kernels (the torch.library op rotkern::rotated_adamw_step, run by
+the interpreter here), and a changing (tensor) lr does not recompile it: the compile counters stay put over a
+100-step schedule. The fused steps compile to one graph with no break; the eager reference path still breaks
+the graph (host reads of its scalars, the rotations' lazy construction)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from rotkern import FusedRotatedAdamW, RotatedAdamW
-from rotkern._backend import ext_available
+from rotkern._backend import ext_available, triton_available
 
 
 @pytest.mark.parametrize(
@@ -17,6 +21,15 @@ from rotkern._backend import ext_available
     [
         "eager",
         pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.skipif(not ext_available(), reason="needs make ext")]),
+        pytest.param(
+            "triton",
+            marks=[
+                pytest.mark.interpret,
+                pytest.mark.skipif(
+                    not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
+                ),
+            ],
+        ),
     ],
 )
 def test_compiled_step_equals_eager_without_recompiles_over_an_lr_schedule(backend):
@@ -32,7 +45,7 @@ def test_compiled_step_equals_eager_without_recompiles_over_an_lr_schedule(backe
 
 def _run(backend):
     cls = RotatedAdamW if backend == "eager" else FusedRotatedAdamW
-    extra = {} if backend == "eager" else {"backend": "ext"}
+    extra = {} if backend == "eager" else {"backend": backend}
 
     def make(w):
         opt = cls([w], lr=torch.tensor(1e-2), rotation="output", block_size=8, **extra)
@@ -55,3 +68,52 @@ def _run(backend):
             graphs = counters["stats"]["unique_graphs"]
     assert graphs and counters["stats"]["unique_graphs"] == graphs  # 97 more lr values, no new graph
     assert torch.equal(w, ref_w)
+
+
+FUSED = [
+    pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.skipif(not ext_available(), reason="needs make ext")]),
+    pytest.param(
+        "triton",
+        marks=[
+            pytest.mark.interpret,
+            pytest.mark.skipif(
+                not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
+            ),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("scope", ["none", "output", "global"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_step_compiles_to_one_graph_without_a_break(backend, scope, scaled):
+    """fullgraph=True: Dynamo raises at any graph break. The fused step (after a warm-up step that creates the state
+    and loads the kernels) traces into one graph around one op per launch, and equals the eager step bit for bit
+    with a changing tensor lr and, when scaled, GradScaler's tensors (a found_inf step included)."""
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        w, b = torch.randn(16, 24), torch.randn(16)
+        ref_w, ref_b = w.clone(), b.clone()
+        lrs = torch.tensor(1e-2), torch.tensor(1e-2)
+        opt, ref = (
+            FusedRotatedAdamW([x, y], lr=lr, rotation=scope, block_size=8, backend=backend, precision="ieee")
+            for x, y, lr in ((w, b, lrs[0]), (ref_w, ref_b, lrs[1]))
+        )
+        step = torch.compile(opt.step, fullgraph=True)
+        for t in range(8):
+            for x, y in ((w, b), (ref_w, ref_b)):
+                gen = torch.Generator().manual_seed(t)
+                x.grad, y.grad = torch.randn(16, 24, generator=gen), torch.randn(16, generator=gen)
+            for lr in lrs:
+                lr.fill_(1e-2 / (1 + t))
+            for o in (opt, ref):
+                if scaled:  # what GradScaler hands the step; the inf flag is set at t = 5
+                    o.grad_scale, o.found_inf = torch.tensor(1.0), torch.tensor(float(t == 5))
+            (opt.step if t == 0 else step)()
+            ref.step()
+        assert torch.equal(w, ref_w) and torch.equal(b, ref_b)
+        assert float(opt.state[w]["step"]) == (7 if scaled else 8)
+    finally:
+        torch._dynamo.reset()
