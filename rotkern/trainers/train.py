@@ -100,7 +100,7 @@ class TrainConfig:
     basis_change: str = "auto"  # svd / eigen: moments at a basis change: auto | keep | transport | transport_m | reset
     precision: str = "tf32x3"  # rotated-fused dot precision: ieee | tf32x3 | tf32
     # rotated AdamW: the dtype Adam's moments are stored in between steps: float32 | bfloat16 (half the optimizer
-    # memory; lossy: small updates of v are lost to rounding; README "Mixed precision")
+    # memory; lossy: small updates of v are lost to rounding; the README's drop-in table)
     state_dtype: str = "float32"
     backend: str = "auto"  # rotated-fused backend (see rotkern._backend)
     lr: float = 3e-3  # peak learning rate

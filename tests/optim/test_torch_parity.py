@@ -718,6 +718,8 @@ def test_torch_adamw_keywords_are_accepted():
     for bad in ("capturable", "differentiable"):
         with pytest.raises(ValueError, match=f"{bad}=True"):
             RotatedAdamW(model.parameters(), **{bad: True})
+    # FusedRotatedAdamW implements capturable=True (its Triton step; tests/optim/test_capturable.py)
+    assert FusedRotatedAdamW(model.parameters(), capturable=True).param_groups[0]["capturable"] is True
 
 
 @pytest.mark.parametrize("scope", ["global", "svd"])
