@@ -153,9 +153,9 @@ class Unit:
                 flats[s.param][s.start : s.stop].copy_(row[off : off + s.numel])
                 off += s.numel
             return
-        # copy_ returns at once when value is dst's own memory with dst's layout (a step that updated it in place);
-        # no data_ptr comparison here, which torch.compile cannot trace.
-        self.view(flats).copy_(value)
+        dst = self.view(flats)
+        if dst.data_ptr() != value.data_ptr() or dst.stride() != value.stride():
+            dst.copy_(value)
 
 
 def infer_roles(
