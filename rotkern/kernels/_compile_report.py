@@ -179,10 +179,13 @@ def launched_kernels(
     p_dtypes: Sequence[torch.dtype] = P_DTYPES,
     precisions: Sequence[str] = PRECISIONS,
     block_size: int = BLOCK_SIZE,
+    scaled: bool = False,
 ) -> dict[tuple[torch.dtype, str], list[LaunchedKernel]]:
     """Per (param dtype, precision), the kernel launches of one step at the launcher's defaults, on meta tensors.
 
     Grads have the params' dtype, moments are fp32, lr is a float: what :class:`FusedRotatedAdamW` passes.
+    ``scaled``: as under a GradScaler with tensor lr and betas instead (``grad_scale``, ``found_inf``; the UNSCALE
+    variants).
     """
     if interpret_mode():
         raise RuntimeError("the compile report needs TRITON_INTERPRET unset (the interpreter has other tiles)")
@@ -214,15 +217,17 @@ def launched_kernels(
                     None,
                     steps,
                     units,
-                    lr=6e-4,
-                    beta1=0.9,
-                    beta2=0.95,
+                    lr=torch.empty((), device=meta) if scaled else 6e-4,
+                    beta1=torch.empty((), device=meta) if scaled else 0.9,
+                    beta2=torch.empty((), device=meta) if scaled else 0.95,
                     eps=1e-8,
                     weight_decay=0.1,
                     decay_mask=decay_mask,
                     precision=precision,
                     plan_cache=cache,
-                )
+                    **(dict(grad_scale=torch.empty((), device=meta), found_inf=torch.empty((), device=meta))
+                       if scaled else {}),
+                )  # fmt: skip
             out[(p_dtype, precision)] = calls
     return out
 

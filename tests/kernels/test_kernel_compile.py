@@ -128,3 +128,28 @@ def test_two_sided_kernel_compiles_without_spills(target):
               f"{res['spill_loads']} B, {res['shared'] // 1024} KB shared")  # fmt: skip
         assert res["spill_stores"] == 0 and res["spill_loads"] == 0, var.label()
         assert res["shared"] <= tgt.max_shared_per_cta, var.label()
+
+
+@pytest.mark.parametrize("scope", ["none", "output", "global"])
+def test_gradscaler_variants_compile_without_spills(scope):
+    """The UNSCALE variants (GradScaler's grad_scale / found_inf read in the kernels, tensor lr and betas) at GPT-2
+    block shapes (a 768 x 2304 fused QKV weight, a 3072 x 768 MLP weight, a vector; n = 768), fp32 and bf16, the
+    default precision: compile for sm_90 and sm_80 without a spill, within shared memory."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    shapes = [torch.Size([2304, 768]), torch.Size([768]), torch.Size([3072, 768])]
+    launches = report.launched_kernels(shapes, ["qkv", "vector", "matrix"], [True, False, True], scope,
+                                       precisions=["tf32x3"], scaled=True)  # fmt: skip
+    calls = [c for cs in launches.values() for c in cs]
+    assert calls and all(c.kwargs["UNSCALE"] for c in calls)
+    for tgt in report.TARGETS.values():
+        variants = {}
+        for launch in calls:
+            var = report.compile_inputs(launch, tgt.capability)
+            variants.setdefault(var.key(), var)
+        for var in variants.values():
+            res = report._compile(var)
+            assert "error" not in res, f"{var.label()}: {res.get('error')}"
+            print(f"  {tgt.name} {var.label()[:100]}: {res['registers']} registers, spills {res['spill_stores']}/"
+                  f"{res['spill_loads']} B")  # fmt: skip
+            assert res["spill_stores"] == 0 and res["spill_loads"] == 0, var.label()
+            assert res["shared"] <= tgt.max_shared_per_cta, var.label()
