@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import time
@@ -856,6 +857,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
         raise failure from None
     finally:
         if ddp and torch.distributed.is_initialized():
+            # Collective work objects still referenced (they hold tensors) are freed while gloo is alive, not by the
+            # interpreter's finalisation after it, where freeing them can abort the process.
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
