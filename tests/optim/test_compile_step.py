@@ -6,6 +6,7 @@ the graph (host reads of its scalars, the rotations' lazy construction)."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -115,5 +116,46 @@ def test_fused_step_compiles_to_one_graph_without_a_break(backend, scope, scaled
             ref.step()
         assert torch.equal(w, ref_w) and torch.equal(b, ref_b)
         assert float(opt.state[w]["step"]) == (7 if scaled else 8)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_compiled_training_step_with_a_scheduler_matches_eager(backend):
+    """The use the issue names: a whole training step (forward, backward, opt.step, zero_grad) under torch.compile,
+    with an LR scheduler writing a tensor lr. Equal to the eager loop up to the compiled forward/backward's own
+    rounding, and no graph is added after the first steps (the breaks Dynamo takes are at backward() and at the
+    scheduler's wrapper of step(), both torch's; the step itself compiles with fullgraph=True, test above)."""
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        models = [torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 6))]
+        models.append(copy.deepcopy(models[0]))
+        opts = [
+            FusedRotatedAdamW(m.parameters(), lr=torch.tensor(1e-2), rotation="global", block_size=8, backend=backend,
+                              precision="ieee")  # fmt: skip
+            for m in models
+        ]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)) for o in opts]
+
+        def train_step(model, opt, sched, x):
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            return loss
+
+        compiled = torch.compile(train_step)
+        graphs = None
+        for t in range(12):
+            x = torch.randn(8, 12, generator=torch.Generator().manual_seed(t))
+            compiled(models[0], opts[0], scheds[0], x)
+            train_step(models[1], opts[1], scheds[1], x)
+            if t == 3:
+                graphs = counters["stats"]["unique_graphs"]
+        assert graphs and counters["stats"]["unique_graphs"] == graphs
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     finally:
         torch._dynamo.reset()
