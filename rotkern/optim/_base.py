@@ -453,17 +453,23 @@ class RotatedOptimizerBase(Optimizer):
             if i in absent:
                 # Values are kept: the backend writes this member's update into a temporary that is dropped.
                 run_params[i] = p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
-                run_grads[i] = torch.zeros_like(p, dtype=_absent_grad_dtype(plan, i, widen))
+                # fp32 when the others' grads are unscaled into fp32 copies below (one dtype pair per unit)
+                scaled = getattr(self, "_grad_scale", None) is not None
+                zero_dtype = torch.float32 if scaled else _absent_grad_dtype(plan, i, widen)
+                run_grads[i] = torch.zeros(p.shape, dtype=zero_dtype, device=p.device)
                 continue
             if dtype != p.dtype or not p.is_contiguous():
                 run_params[i] = p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
                 seed = _rounding_seed(plan.group["seed"], plan.gi, i, float(states[i]["step"]) + 1) if rounded else None
                 writeback.append((p, run_params[i], seed))
             if (i in widen and g.dtype != torch.float32) or not g.is_contiguous():
-                run_grads[i] = g.to(torch.float32 if i in widen else g.dtype, memory_format=torch.contiguous_format)
+                # .contiguous() as well: Tensor.to(memory_format=contiguous_format) keeps a transposed tensor as it is
+                # when the dtype does not change (a transposed param's autograd grad is transposed too).
+                run_grads[i] = g.to(torch.float32 if i in widen else g.dtype).contiguous()
             scale = getattr(self, "_grad_scale", None)
             if scale is not None:  # GradScaler's scaled grads: unscaled copies, as torch's fused AdamW (fp32 division)
-                run_grads[i] = (run_grads[i].float() / scale.to(g.device)).to(run_grads[i].dtype)
+                # kept in fp32, not rounded back to a bf16 grad's dtype: what the fused kernels compute
+                run_grads[i] = run_grads[i].float() / scale.to(g.device)
         plan.extra["writeback"] = writeback
         return run_params, run_grads, states
 

@@ -223,3 +223,25 @@ def test_scaler_step_never_syncs_with_the_host(scope):
             torch.cuda.set_sync_debug_mode("default")
         scaler.update()
     assert float(next(iter(opt.state.values()))["step"]) == 3  # the inf step was skipped on the device
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_eager_unscales_bf16_grads_into_fp32_as_the_kernels_do(backend):
+    """bf16 grads, a scale that is not 2^k: the eager path's unscaled copies stay fp32 (rounding them back to bf16
+    moved exp_avg_sq by 6e-3 relative); eager and the fused kernels then agree to fp32 rounding."""
+    out = []
+    for make in (lambda p: RotatedAdamW(p, lr=1e-2, rotation="none"), lambda p: _opt_on(p, backend)):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+        opt = make([w])
+        for t in range(5):
+            w.grad = (torch.randn(64, generator=torch.Generator().manual_seed(t)) * 3000.0).to(torch.bfloat16)
+            _scaled_step(opt, torch.tensor(3000.0), torch.zeros(()))
+        out.append((w.detach().float(), opt.state[w]["exp_avg_sq"]))
+    (we, ve), (wf, vf) = out
+    assert torch.equal(we, wf)
+    assert ((ve - vf).abs() / vf).max() < 1e-5
+
+
+def _opt_on(params, backend):
+    return FusedRotatedAdamW(params, lr=1e-2, rotation="none", backend=backend)

@@ -495,10 +495,11 @@ def test_non_contiguous_params_equal_their_contiguous_copies(scope, backend):
         for _ in range(3):
             for p in params:
                 g = torch.randn(p.shape, generator=gen).to(DEVICE)
-                p.grad = g.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else g
+                p.grad = torch.empty_like(p).copy_(g)  # the param's own layout, as autograd gives it (transposed)
             opt.step()
         results.append((params, opt))
     (odd, o1), (plain, o2) = results
+    assert not odd[0].grad.is_contiguous()
     assert odd[1].is_contiguous(memory_format=torch.channels_last)  # the layout is kept
     for p, q in zip(odd, plain, strict=True):
         assert torch.equal(p, q)
@@ -513,12 +514,29 @@ def test_non_contiguous_params_like_torch_adamw():
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         for p, q in zip(ours_p, ref_p, strict=True):
-            q.grad = torch.randn(q.shape, generator=gen).to(DEVICE)
+            q.grad = torch.empty_like(q).copy_(torch.randn(q.shape, generator=gen).to(DEVICE))  # q's layout
             p.grad = q.grad.clone()
         ours.step()
         ref.step()
     for p, q in zip(ours_p, ref_p, strict=True):
         assert_close_to_ref(p, q, "identity_vs_torch", what="param")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_transposed_weight_steps_with_its_autograd_grad(backend):
+    """A transposed nn.Parameter gets a transposed grad from autograd; the step takes it (as torch.optim.AdamW)."""
+    w = torch.nn.Parameter(torch.randn(3, 6, device=DEVICE).t())
+    ref = torch.nn.Parameter(w.detach().contiguous())  # the same values, laid out plainly
+    opts = [_make(backend, [p], rotation="output", block_size=4) for p in (w, ref)]
+    for _ in range(3):
+        x = torch.randn(4, 6, device=DEVICE)
+        for p in (w, ref):
+            p.grad = None
+            (x @ p).square().sum().backward()
+        assert not w.grad.is_contiguous() and ref.grad.is_contiguous()
+        for o in opts:
+            o.step()
+    torch.testing.assert_close(w, ref, rtol=0, atol=0)
 
 
 # %% 6. zero-size params ------------------------------------------------------------------------------------
