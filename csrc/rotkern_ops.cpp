@@ -500,7 +500,9 @@ void rotated_adamw_unit_cpu(at::TensorList params_in, at::TensorList grads_in, a
                             const c10::optional<at::Tensor>& perm_slot, const c10::optional<at::Tensor>& perm_local,
                             const c10::optional<at::Tensor>& workspace,
                             const c10::optional<at::Tensor>& grad_scale,
-                            const c10::optional<at::Tensor>& found_inf) {
+                            const c10::optional<at::Tensor>& found_inf,
+                            const c10::optional<at::Tensor>& beta1_tensor,
+                            const c10::optional<at::Tensor>& beta2_tensor) {
   const std::vector<at::Tensor> params = params_in.vec();
   std::vector<at::Tensor> grads = grads_in.vec();
   const size_t n = params.size();
@@ -524,10 +526,14 @@ void rotated_adamw_unit_cpu(at::TensorList params_in, at::TensorList grads_in, a
   TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "rotated_adamw_unit_: step must be a CPU scalar");
   TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "rotated_adamw_unit_: lr must be a CPU scalar");
 
-  for (const auto* x : {&grad_scale, &found_inf}) {
+  for (const auto* x : {&grad_scale, &found_inf, &beta1_tensor, &beta2_tensor}) {
     TORCH_CHECK(!x->has_value() || ((*x)->numel() == 1 && (*x)->device().is_cpu() && (*x)->is_floating_point()),
-                "rotated_adamw_unit_: grad_scale and found_inf must be one-element floating-point CPU tensors");
+                "rotated_adamw_unit_: grad_scale, found_inf and tensor betas must be one-element floating-point CPU "
+                "tensors");
   }
+  // Tensor betas (torch.compile passes them as tensors: a float argument would be read on the host at trace time).
+  if (beta1_tensor.has_value()) beta1 = beta1_tensor->item<double>();
+  if (beta2_tensor.has_value()) beta2 = beta2_tensor->item<double>();
 
   const double t = step.item<double>();
   const double lr_v = lr.item<double>();
@@ -681,7 +687,7 @@ TORCH_LIBRARY(rotkern, m) {
       "int[] seg_decay, int layout, int width, int num_vectors, int length, int block_size, Tensor? perm, "
       "Tensor? rot_n, Tensor? rot_p, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
       "bool maximize, Tensor? perm_slot=None, Tensor? perm_local=None, Tensor(e!)? workspace=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? beta1_tensor=None, Tensor? beta2_tensor=None) -> ()");
   m.def("flat_perm_tables(Tensor perm, int block_size) -> (Tensor slot, Tensor local, Tensor bucket_starts)");
 }
 

@@ -86,15 +86,19 @@ def rotated_adamw_step_ext(
             )
     lr_t = lr.detach().to("cpu", torch.float64) if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64)
     # Each param steps once, even when it is split over several units (q/k/v), as in the reference.
+    # Tensors go to the op as tensors (read inside it), so that torch.compile never turns them into host floats.
     scaling = {
-        name: x.detach().to("cpu", torch.float32).reshape(())
-        for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf))
-        if x is not None
-    }
+        name: x.detach().to("cpu", torch.float32 if name in ("grad_scale", "found_inf") else torch.float64).reshape(())
+        for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf), ("beta1_tensor", beta1),
+                        ("beta2_tensor", beta2))
+        if torch.is_tensor(x)
+    }  # fmt: skip
     steps = [state_steps[i] for i in touched]
     torch._foreach_add_(steps, 1.0)
     op = torch.ops.rotkern.rotated_adamw_unit_
-    hyper = (float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize))
+    hyper = tuple(0.0 if torch.is_tensor(b) else float(b) for b in (beta1, beta2)) + (
+        float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
+    )  # fmt: skip
 
     def call(members, segs, layout, width, shape, rot, tables=(None, None, None)):
         op(

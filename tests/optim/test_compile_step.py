@@ -91,7 +91,7 @@ FUSED = [
 def test_fused_step_compiles_to_one_graph_without_a_break(backend, scope, scaled):
     """fullgraph=True: Dynamo raises at any graph break. The fused step (after a warm-up step that creates the state
     and loads the kernels) traces into one graph around one op per launch, and equals the eager step bit for bit
-    with a changing tensor lr and, when scaled, GradScaler's tensors (a found_inf step included)."""
+    with a changing tensor lr, tensor betas and, when scaled, GradScaler's tensors (a found_inf step included)."""
     torch._dynamo.reset()
     try:
         torch.manual_seed(0)
@@ -99,7 +99,8 @@ def test_fused_step_compiles_to_one_graph_without_a_break(backend, scope, scaled
         ref_w, ref_b = w.clone(), b.clone()
         lrs = torch.tensor(1e-2), torch.tensor(1e-2)
         opt, ref = (
-            FusedRotatedAdamW([x, y], lr=lr, rotation=scope, block_size=8, backend=backend, precision="ieee")
+            FusedRotatedAdamW([x, y], lr=lr, betas=(torch.tensor(0.9), torch.tensor(0.95)), rotation=scope,
+                              block_size=8, backend=backend, precision="ieee")  # fmt: skip
             for x, y, lr in ((w, b, lrs[0]), (ref_w, ref_b, lrs[1]))
         )
         step = torch.compile(opt.step, fullgraph=True)
