@@ -13,7 +13,7 @@ from ..bases import DEFAULT_BASIS_CHANGE, DynamicRotation, EigenRotation, SvdRot
 from ..kernels import _op_registry
 from ..scopes import Unit
 from ._base import GroupStep
-from .rotated_adamw import RotatedAdamW
+from .rotated_adamw import RotatedAdamW, _capturable
 
 __all__ = ["FusedRotatedAdamW"]
 
@@ -85,7 +85,8 @@ class FusedRotatedAdamW(RotatedAdamW):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
         self._plans = None  # per-optimizer cache of the kernels' metadata, made on the first Triton step
         self._op_handle = _op_registry.register(self)  # how the compiled step's op finds this optimizer
-        self.backend_used: str | None = None  # what the last step ran: "triton", "ext" or "eager"
+        # what the last (uncompiled) step ran: "triton", "ext", or "eager" if any unit ran on the eager reference
+        self.backend_used: str | None = None
         self.two_sided_steps = 0  # unit steps of dynamic units run by the two-sided Triton kernel
         # (id(param), piece) -> (the stored reflectors, their version, (L, R)): see _svd_dense
         self._svd_dense_cache: dict[tuple, tuple] = {}
@@ -147,15 +148,21 @@ class FusedRotatedAdamW(RotatedAdamW):
         """capturable=True: the step must be one that a CUDA graph can replay (nothing read or staged on the host),
         i.e. the Triton kernels alone on tensors whose state exists; RuntimeError naming the fix otherwise."""
         group, where = plan.group, f"param group {plan.gi} (capturable=True)"
+        off = f"; or set optimizer.param_groups[{plan.gi}]['capturable'] = False (e.g. after loading a checkpoint)"
         if plan.backend != "triton":
             raise RuntimeError(
                 f"{where} runs on the {plan.backend!r} backend, which reads values on the host; a capturable step "
-                "needs the Triton backend (CUDA params, or the CPU under TRITON_INTERPRET=1)"
+                f"needs the Triton backend (CUDA params, or the CPU under TRITON_INTERPRET=1){off}"
             )
         if plan.extra.get("sharded") or any(isinstance(u.rotation, DynamicRotation) for u in plan.units):
             raise RuntimeError(
                 f"{where}: rotation={group['rotation']!r} on DTensor params or with a dynamic basis (svd, eigen) "
-                "computes on the host side of the step; pass capturable=False for this group"
+                f"computes on the host side of the step{off}"
+            )
+        if self.state_dtype != self.compute_dtype or group.get("stochastic_rounding"):
+            raise RuntimeError(
+                f"{where}: state_dtype={self.state_dtype} or stochastic_rounding=True stages tensors or draws random "
+                f"bits on the host each step, which a captured graph would replay unchanged{off}"
             )
         device = group["params"][plan.units[0].params[0]].device
         for name, x in (("lr", group["lr"]), ("betas[0]", group["betas"][0]), ("betas[1]", group["betas"][1])):
@@ -189,7 +196,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         dyn_kwargs = {k: kwargs.pop(k) for k in _DYNAMIC_ARGS if k in kwargs}
         svd_units = [u for u in units if isinstance(u.rotation, DynamicRotation)]
         state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        self.backend_used = plan.backend
+        self._note_backend(plan.backend)
         if svd_units:
             # Dynamic scopes: their units cover whole params, never shared with another unit (pieces of one param
             # all alike): each steps once. Dense bases on Triton: the kernel; the rest: the eager reference.
@@ -199,7 +206,7 @@ class FusedRotatedAdamW(RotatedAdamW):
                 self._two_sided(*state, fused, **kwargs, **dyn_kwargs)
             if eager:
                 super()._rotated_adamw(plan, *state, eager, **kwargs, **dyn_kwargs)
-                self.backend_used = "eager"
+                self._note_backend("eager")
             units = [u for u in units if not isinstance(u.rotation, DynamicRotation)]
         if not units:
             return
@@ -252,6 +259,18 @@ class FusedRotatedAdamW(RotatedAdamW):
             [] if decay_mask is None else [int(bool(d)) for d in decay_mask], bool(amsgrad), bool(maximize),
         )  # fmt: skip
 
+    def _plan_steps(self) -> list[GroupStep]:
+        self.backend_used = None  # set by this step's groups (_note_backend)
+        return super()._plan_steps()
+
+    def _note_backend(self, backend: str) -> None:
+        """``backend_used`` over a step's groups: "eager" as soon as one unit ran on the eager reference."""
+        if self.backend_used != "eager":
+            self.backend_used = backend
+
+    # Under torch.compile the dynamic units' step runs outside the graph (their basis management is host code, and
+    # the two-sided kernel is not a torch.library op): a graph break, not a trace into the Triton launcher.
+    @torch.compiler.disable
     def _two_sided(
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, *, lr, beta1, beta2, eps,
         weight_decay, decay_mask=None, amsgrad=False, maximize=False, svd_bases=None, svd_every=250,
@@ -339,12 +358,6 @@ _FUSED_SVD = True
 # (n, n) matrix formed once per recompute and cached (n^2 floats: 36 MB at n = 3072, GPT-2's MLP). Longer sides
 # (a 50304-token embedding) stay on the eager reference, which applies the reflectors with ormqr.
 SVD_DENSE_SIDE_MAX = 4096
-
-
-def _capturable(group: dict) -> bool:
-    # Inside torch.compile, Dynamo shows every param group of an optimizer with capturable=True (it assumes a
-    # compiled step syncs nothing); the group's own setting is only known outside it.
-    return bool(group.get("capturable")) and not torch.compiler.is_compiling()
 
 
 def _dense_bases(unit: Unit) -> bool:

@@ -202,6 +202,13 @@ class RotatedAdamW(RotatedOptimizerBase):
 
     def _plan_backend(self, plan: GroupStep) -> None:
         group = plan.group
+        if not self._supports_capturable and _capturable(group):
+            # The constructor and add_param_group refuse it; a loaded checkpoint keeps its groups' flags, as torch's.
+            raise RuntimeError(
+                f"param group {plan.gi} has capturable=True (from a loaded checkpoint?), which {type(self).__name__} "
+                f"does not implement: set optimizer.param_groups[{plan.gi}]['capturable'] = False, or use "
+                "FusedRotatedAdamW"
+            )
         if group["rotation"] not in ("svd", "eigen"):
             return
         # A basis cannot come from a non-finite gradient (an SVD cannot converge; an eigen factor would keep the
@@ -331,6 +338,12 @@ class RotatedAdamW(RotatedOptimizerBase):
     def _scales_in_kernel(self, plan: GroupStep) -> bool:
         """Whether this group's step unscales and skips on found_inf inside its kernels."""
         return False
+
+
+def _capturable(group: dict) -> bool:
+    """A group's capturable flag. Inside torch.compile, Dynamo shows every param group of an optimizer with
+    capturable=True (it assumes a compiled step syncs nothing); the group's own setting is only known outside it."""
+    return bool(group.get("capturable")) and not torch.compiler.is_compiling()
 
 
 def _capturing() -> bool:

@@ -145,3 +145,32 @@ def test_capture_without_a_warm_up_step_is_refused(scope):
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm-up"), torch.cuda.graph(graph):
         opt.step()
+
+
+def test_a_loaded_capturable_flag_is_checked_at_the_step():
+    """load_state_dict keeps the checkpoint's group flags (as torch's does): a capturable group loaded into an
+    optimizer that cannot capture it is refused at step(), naming the fix, with nothing changed."""
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    saved = FusedRotatedAdamW([w], capturable=True, rotation="none").state_dict()
+    opt = RotatedAdamW([w], rotation="none")
+    opt.load_state_dict(saved)
+    w.grad = torch.randn_like(w)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['capturable'\] = False"):
+        opt.step()
+    assert torch.equal(w, before) and not opt.state
+    opt.param_groups[0]["capturable"] = False
+    opt.step()
+    assert not torch.equal(w, before)
+
+
+@pytest.mark.parametrize("marks", [pytest.param(None, marks=needs_interpreter, id="triton")])
+def test_a_loaded_capturable_flag_with_bf16_moments_is_refused(marks):
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    saved = FusedRotatedAdamW([w], capturable=True, rotation="output", block_size=4, backend="triton").state_dict()
+    opt = FusedRotatedAdamW([w], rotation="output", block_size=4, backend="triton", state_dtype=torch.bfloat16)
+    opt.load_state_dict(saved)
+    w.grad = torch.randn_like(w)
+    with pytest.raises(RuntimeError, match="state_dtype=torch.bfloat16 or stochastic_rounding"):
+        opt.step()
+    assert not opt.state

@@ -353,3 +353,18 @@ def test_changing_lr_does_not_recompile():
             g["lr"] = 1e-2 / (i + 2)
         _train(m_fused, fused, [b])
     assert sum(len(v[0]) for v in caches.values()) == compiled
+
+
+@pytest.mark.ext
+@needs_ext
+def test_backend_used_covers_every_group_of_the_step():
+    """``backend_used`` is "eager" when any group ran a unit on the eager reference, whatever the groups' order."""
+    a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(4, 6))
+    for order in ([("svd", a), ("output", b)], [("output", b), ("svd", a)]):
+        opt = FusedRotatedAdamW([{"params": [p], "rotation": r} for r, p in order], backend="ext", block_size=8)
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+        assert opt.backend_used == "eager"
+    opt = FusedRotatedAdamW([b], backend="ext", rotation="output", block_size=8)
+    opt.step()
+    assert opt.backend_used == "ext"
