@@ -73,6 +73,17 @@ def test_resume_continues_bit_identically(tmp_path, optimizer):
     assert [r["type"] for r in log].count("header") == 2 and log[-1]["step"] == 10
 
 
+def test_a_resumed_run_logs_beside_its_checkpoint(tmp_path):
+    """Resumed with another out_dir (e.g. the default runs/train, which may hold another run's log), the run's log
+    still continues in the resumed run's folder, where its checkpoint is saved."""
+    first = train(fast_config(tmp_path / "a", steps=4, stop_step=2))
+    other = tmp_path / "other"
+    resumed = train(dataclasses.replace(fast_config(other, steps=4), resume=str(tmp_path / "a")))
+    assert resumed["log"] == first["log"] and not other.exists()
+    log = [json.loads(line) for line in open(first["log"])]
+    assert [r["type"] for r in log].count("header") == 2 and log[-1]["step"] == 4
+
+
 def test_nothing_is_overwritten(tmp_path):
     res = train(fast_config(tmp_path, steps=2))
     before = open(res["checkpoint"], "rb").read()

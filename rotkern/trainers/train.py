@@ -866,9 +866,11 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
 def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) -> dict:
     s = make_setup(cfg, rank, world, local_rank)
     main = rank == 0
-    # out_dir="" writes nothing (no log, no checkpoint) unless resuming, which saves over the resumed file.
-    log_path = Path(cfg.out_dir) / "log.jsonl" if cfg.out_dir else None
+    # out_dir="" writes nothing (no log, no checkpoint) unless resuming, which saves over the resumed file. A resumed
+    # run's log continues beside its checkpoint (not in out_dir, whose default may hold another run's log).
     resume = Path(cfg.resume) / "ckpt.pt" if cfg.resume and Path(cfg.resume).is_dir() else Path(cfg.resume)
+    log_dir = (resume.parent if cfg.resume else Path(cfg.out_dir)) if cfg.out_dir else None
+    log_path = log_dir / "log.jsonl" if log_dir is not None else None
     ckpt_path = resume if cfg.resume else Path(cfg.out_dir) / "ckpt.pt" if cfg.out_dir else None
     save = cfg.save and ckpt_path is not None
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
