@@ -1,5 +1,6 @@
-"""bf16 params with fp32 moments and fp32 maths (issue 15): judged against an fp32-master run, with torch's own
-fused AdamW on the same bf16 params as the yardstick (err <= 2x torch's + floor, TOLERANCES["bf16_floor"])."""
+"""bf16 and fp16 params with fp32 moments and fp32 maths (issue 15): judged against an fp32-master run, with torch's
+own fused AdamW on the same low-precision params as the yardstick (err <= 2x torch's + floor,
+TOLERANCES["bf16_floor"])."""
 
 from __future__ import annotations
 
@@ -29,24 +30,25 @@ def _train(params, opt, steps=30):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rotation", ["none", "output", "global"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bf16_params_track_the_fp32_master_as_well_as_torch_fused_adamw(backend, rotation, seed):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_params_track_the_fp32_master_as_well_as_torch_fused_adamw(backend, rotation, seed, dtype):
     torch.manual_seed(seed)
     shapes = [(24, 40), (40,), (17, 24)]  # odd sizes: a residual block, a 1-D param
     init = [torch.randn(s) for s in shapes]
     kw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     master = [x.clone() for x in init]
     _train(master, RotatedAdamW(master, rotation=rotation, block_size=16, **kw))
-    ours = [x.bfloat16() for x in init]
+    ours = [x.to(dtype) for x in init]
     cls_kw = {} if backend == "eager" else {"backend": backend, "precision": "ieee"}
     cls = RotatedAdamW if backend == "eager" else FusedRotatedAdamW
     opt = cls(ours, rotation=rotation, block_size=16, **kw, **cls_kw)
     _train(ours, opt)
-    assert all(p.dtype == torch.bfloat16 for p in ours)
+    assert all(p.dtype == dtype for p in ours)
     assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k.startswith("exp"))
     # torch's fused AdamW on bf16 params, in the standard basis, against its own fp32 master run
     t_master = [x.clone() for x in init]
     _train(t_master, torch.optim.AdamW(t_master, fused=True, **kw))
-    theirs = [x.bfloat16() for x in init]
+    theirs = [x.to(dtype) for x in init]
     _train(theirs, torch.optim.AdamW(theirs, fused=True, **kw))
     # Measured: ours and torch's errors agree to 4 digits where no rotation acts (both lose the same sub-ulp
     # updates) and ours is 0.83x torch's on the rotated 17x24 matrix; the floor is 0.06-0.3 of the errors.
