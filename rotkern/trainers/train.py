@@ -140,7 +140,7 @@ class TrainConfig:
     save: bool = True  # write a checkpoint at the end
     out_dir: str = "runs/train"  # folder for log.jsonl and ckpt.pt; an existing run there is never overwritten
     resume: str = ""  # checkpoint (or run folder holding ckpt.pt) to continue from; later saves replace it, and
-    # the log continues beside it (out_dir is not used)
+    # the log continues beside it (out_dir="" writes none)
 
 
 # Each preset is a set of overrides on top of the defaults (the defaults are the CPU `tiny` run).
