@@ -139,8 +139,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0 = at the end only)
     save: bool = True  # write a checkpoint at the end
     out_dir: str = "runs/train"  # folder for log.jsonl and ckpt.pt; an existing run there is never overwritten
-    resume: str = ""  # checkpoint (or run folder holding ckpt.pt) to continue from; later saves replace it, and
-    # the log continues beside it (out_dir="" writes none)
+    resume: str = ""  # checkpoint (or run folder with ckpt.pt) to continue; saves replace it, the log goes beside it
 
 
 # Each preset is a set of overrides on top of the defaults (the defaults are the CPU `tiny` run).
