@@ -121,10 +121,15 @@ def test_two_sided_kernel_compiles_without_spills(target):
         var = report.compile_inputs(launch, tgt.capability)
         variants.setdefault(var.key(), var)
     print(f"\n{target}: {len(variants)} two-sided variants")
-    for var in variants.values():
+    _assert_compile_without_spills(variants.values(), tgt)
+
+
+def _assert_compile_without_spills(variants, tgt) -> None:
+    """Compile each variant for ``tgt``: no error, no spill, shared memory within the per-CTA limit (printed)."""
+    for var in variants:
         res = report._compile(var)
         assert "error" not in res, f"{var.label()}: {res.get('error')}"
-        print(f"  {var.label()[:110]}: {res['registers']} registers, spills {res['spill_stores']}/"
+        print(f"  {tgt.name} {var.label()[:100]}: {res['registers']} registers, spills {res['spill_stores']}/"
               f"{res['spill_loads']} B, {res['shared'] // 1024} KB shared")  # fmt: skip
         assert res["spill_stores"] == 0 and res["spill_loads"] == 0, var.label()
         assert res["shared"] <= tgt.max_shared_per_cta, var.label()
@@ -146,10 +151,4 @@ def test_gradscaler_variants_compile_without_spills(scope):
         for launch in calls:
             var = report.compile_inputs(launch, tgt.capability)
             variants.setdefault(var.key(), var)
-        for var in variants.values():
-            res = report._compile(var)
-            assert "error" not in res, f"{var.label()}: {res.get('error')}"
-            print(f"  {tgt.name} {var.label()[:100]}: {res['registers']} registers, spills {res['spill_stores']}/"
-                  f"{res['spill_loads']} B")  # fmt: skip
-            assert res["spill_stores"] == 0 and res["spill_loads"] == 0, var.label()
-            assert res["shared"] <= tgt.max_shared_per_cta, var.label()
+        _assert_compile_without_spills(variants.values(), tgt)

@@ -7,32 +7,17 @@ the graph (host reads of its scalars, the rotations' lazy construction)."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from rotkern import FusedRotatedAdamW, RotatedAdamW
-from rotkern._backend import ext_available, triton_available
+
+from ._backends import CPU_BACKENDS
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "eager",
-        pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.skipif(not ext_available(), reason="needs make ext")]),
-        pytest.param(
-            "triton",
-            marks=[
-                pytest.mark.interpret,
-                pytest.mark.skipif(
-                    not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
-                ),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compiled_step_equals_eager_without_recompiles_over_an_lr_schedule(backend):
     torch._dynamo.reset()
     counters.clear()
@@ -71,18 +56,7 @@ def _run(backend):
     assert torch.equal(w, ref_w)
 
 
-FUSED = [
-    pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.skipif(not ext_available(), reason="needs make ext")]),
-    pytest.param(
-        "triton",
-        marks=[
-            pytest.mark.interpret,
-            pytest.mark.skipif(
-                not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
-            ),
-        ],
-    ),
-]
+FUSED = [b for b in CPU_BACKENDS if b.values[0] != "eager"]
 
 
 @pytest.mark.parametrize("backend", FUSED)
