@@ -1,9 +1,10 @@
 """Worker of tests/test_fsdp.py: ``python -m torch.distributed.run --nproc_per_node=W tests/_fsdp_worker.py JOB OUT``.
 
 Every rank trains a small GPT-style block (tests/optim/_models.TinyBlock, its parameters sharded on dim 0 by FSDP2
-``fully_shard``) with a rotated optimizer on the same batches, and rank 0 writes what the test checks to OUT (a
-torch.save'd dict). The single-process reference trains an unsharded copy of the same model on the same batches
-in the same process (every rank sees the same batch, so FSDP's averaged gradient is the full-batch gradient).
+``fully_shard`` over a CPU mesh; gloo, on any machine) with a rotated optimizer on the same batches, and rank 0
+writes what the test checks to OUT (a torch.save'd dict). The single-process reference trains an unsharded copy of
+the same model on the same batches in the same process (every rank sees the same batch, so FSDP's averaged gradient
+is the full-batch gradient).
 
 Jobs:
     match SCOPES          per scope: 20 steps sharded and unsharded -> final params (full) of both
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,9 +47,12 @@ def build(spec: str, backend: str = "eager"):
     torch.manual_seed(0)
     model = TinyBlock(vocab=11, dim=8)
     ref = copy.deepcopy(model)
+    # On the CPU on any machine: without a mesh FSDP shards over the accelerator's, moving the model onto CUDA
+    # wherever a GPU is visible (and the test compares with the CPU reference, over gloo).
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for block in (model.c_attn, model.c_fc):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opts = scope_options(spec)
     mode = opts.pop("shard_mode", None)
     groups = param_groups_for(model, weight_decay=0.1)

@@ -10,12 +10,12 @@ collectives one optimizer step issues.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from ._trainer_helpers import torchrun
 
 WORKER = Path(__file__).with_name("_fsdp_worker.py")
 pytestmark = pytest.mark.skipif(
@@ -24,10 +24,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def launch(world: int, out: Path, *args: str, backend: str = "eager") -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROTKERN_TEST_BACKEND": backend}
-    run = subprocess.run([*cmd, str(WORKER), args[0], str(out), *args[1:]], env=env, capture_output=True, text=True,
-                         timeout=240)  # fmt: skip
+    # The worker runs on the CPU with gloo wherever it runs (its FSDP mesh is a CPU one, also where a GPU is visible).
+    run = torchrun(world, str(WORKER), args[0], str(out), *args[1:], env={"ROTKERN_TEST_BACKEND": backend}, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return torch.load(out, weights_only=False)
 

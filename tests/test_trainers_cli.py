@@ -7,7 +7,10 @@ import pytest
 
 from rotkern.trainers.__main__ import main
 
-TINY = ["--steps=2", "--batch_size=2", "--context=16", "--print_every=0", "--eval_batches=1", "--block_size=64"]
+from ._trainer_helpers import CPU_ARGV
+
+TINY = ["--steps=2", "--batch_size=2", "--context=16", "--print_every=0", "--eval_batches=1", "--block_size=64",
+        *CPU_ARGV]  # fmt: skip
 
 
 def _error(capsys, argv) -> str:
@@ -46,7 +49,9 @@ def test_unreadable_image(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     pil.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "ok.png")
     (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
-    msg = _error(capsys, ["train", "--preset=resnet-tiny", *TINY[:2], f"--data={tmp_path}", f"--out_dir={tmp_path}/o"])
+    msg = _error(
+        capsys, ["train", "--preset=resnet-tiny", *TINY[:2], *CPU_ARGV, f"--data={tmp_path}", f"--out_dir={tmp_path}/o"]
+    )
     assert "bad.jpg" in msg
 
 
@@ -58,7 +63,9 @@ def test_checkpoint_from_another_scope_or_model(tmp_path, capsys):
         capsys, ["train", *TINY, "--steps=4", "--rotation=input", f"--resume={ckpt}", f"--out_dir={tmp_path}/b"]
     )
     assert "rotation is 'global' in the checkpoint but 'input'" in msg
-    msg = _error(capsys, ["train", "--preset=vit-tiny", "--steps=4", f"--resume={ckpt}", f"--out_dir={tmp_path}/c"])
+    msg = _error(
+        capsys, ["train", "--preset=vit-tiny", "--steps=4", *CPU_ARGV, f"--resume={ckpt}", f"--out_dir={tmp_path}/c"]
+    )
     assert "holds model 'gpt-tiny'" in msg
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert "cannot read checkpoint" in _error(capsys, ["train", *TINY, f"--resume={tmp_path}/junk.pt"])

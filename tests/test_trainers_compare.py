@@ -21,7 +21,7 @@ from rotkern.trainers.compare import (
     vs_baseline,
 )
 
-from ._trainer_helpers import fast_config
+from ._trainer_helpers import CPU, fast_config
 
 
 def test_slowdown_is_extra_steps_to_the_baseline_final_loss():
@@ -90,6 +90,7 @@ def test_compare_writes_table_plot_and_runs(tmp_path, capsys):
         block_size=64,
         out_dir=str(tmp_path),
         plot=True,
+        **CPU,
     )
     res = compare(cfg)
     out = capsys.readouterr().out

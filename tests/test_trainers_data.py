@@ -26,7 +26,7 @@ from rotkern.trainers.data import (
 )
 from rotkern.trainers.train import train
 
-from ._trainer_helpers import fast_config
+from ._trainer_helpers import CPU_ARGV, fast_config
 
 
 def test_stdlib_text_is_deterministic_and_split():
@@ -204,7 +204,7 @@ def test_corrupt_image_in_a_worker_is_one_error_line_naming_the_file(tmp_path, c
             for step in range(4):
                 loader.get((step, 0))
     assert "\n" not in str(err.value) and "cannot decode image" in str(err.value)
-    argv = ["train", "--preset=resnet-tiny", "--steps=2", "--batch_size=8", "--print_every=0", "--workers=2"]
+    argv = ["train", "--preset=resnet-tiny", "--steps=2", "--batch_size=8", "--print_every=0", "--workers=2", *CPU_ARGV]
     assert main([*argv, f"--data={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot decode image") and "img00.jpg" in lines[0], lines
@@ -245,7 +245,7 @@ def _session_processes(sid: int) -> list[int]:
 def test_workers_shut_down_at_exit_and_on_ctrl_c(tmp_path):
     folder = _jpeg_folder(tmp_path / "d", big=False)
     cmd = [sys.executable, "-m", "rotkern.trainers", "train", "--preset=resnet-tiny", f"--data={folder}"]
-    cmd += ["--batch_size=4", "--workers=2", "--eval_batches=0", "--save=false"]
+    cmd += ["--batch_size=4", "--workers=2", "--eval_batches=0", "--save=false", *CPU_ARGV]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A short run exits by itself, with no worker left behind.
     run = subprocess.Popen(

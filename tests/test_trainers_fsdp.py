@@ -4,14 +4,13 @@ shard-local run stopped, resumed from its DCP checkpoint and continued bit-ident
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from rotkern.trainers.train import TrainConfig, train
+
+from ._trainer_helpers import CPU, torchrun_train
 
 ARGS = dict(steps=20, warmup_steps=2, batch_size=2, grad_accum=4, context=16, block_size=64, eval_batches=1,
             eval_every=0, print_every=0)  # fmt: skip
@@ -20,10 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reaso
 
 def torchrun(out_dir, *extra: str, world: int = 2) -> None:
     argv = [f"--{k}={v}" for k, v in ARGS.items()] + [f"--out_dir={out_dir}", "--fsdp", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([*cmd, "-m", "rotkern.trainers", "train", *argv], env=env, capture_output=True, text=True,
-                         timeout=180)  # fmt: skip
+    run = torchrun_train(world, *argv, timeout=180)  # --device=cpu: gloo, also where a GPU is visible
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-4000:]
 
 
@@ -55,7 +51,7 @@ def test_fsdp_training_matches_one_process(world, scope, tmp_path):
     rotation, *extra = scope.split()
     torchrun(tmp_path / "fsdp", f"--rotation={rotation}", *extra, world=world)
     got = sharded_params(tmp_path / "fsdp")
-    one = train(TrainConfig(**ARGS, rotation=rotation, out_dir=str(tmp_path / "one")))["model"].state_dict()
+    one = train(TrainConfig(**ARGS, **CPU, rotation=rotation, out_dir=str(tmp_path / "one")))["model"].state_dict()
     for name, p in one.items():
         # Each rank takes its share of the 4 micro-batches: FSDP's reduction order differs from one process's.
         torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-5, msg=name)
@@ -79,4 +75,4 @@ def test_fsdp_needs_torchrun(tmp_path):
     from rotkern.trainers.common import TrainerError
 
     with pytest.raises(TrainerError, match="--fsdp shards over the torchrun processes"):
-        train(TrainConfig(**ARGS, fsdp=True, out_dir=str(tmp_path)))
+        train(TrainConfig(**ARGS, **CPU, fsdp=True, out_dir=str(tmp_path)))

@@ -8,9 +8,9 @@ import rotkern
 from rotkern.trainers.__main__ import main
 from rotkern.trainers.validate import ValidateConfig, validate
 
-from ._trainer_helpers import BrokenFused
+from ._trainer_helpers import CPU, CPU_ARGV, BrokenFused
 
-SMALL = dict(steps=3, batch_size=4, print_every=0, block_size=64)
+SMALL = dict(steps=3, batch_size=4, print_every=0, block_size=64, **CPU)
 
 
 @pytest.mark.parametrize("model", ["gpt-tiny", "vit-tiny", "resnet-tiny"])
@@ -27,14 +27,14 @@ def test_validate_plumbing_for_every_scope(model):
 
 def test_validate_fails_past_tolerance(monkeypatch, capsys):
     monkeypatch.setattr(rotkern, "FusedRotatedAdamW", BrokenFused, raising=False)
-    argv = ["validate", "--scopes=global", "--steps=2", "--batch_size=2", "--context=16", "--block_size=64"]
+    argv = ["validate", "--scopes=global", "--steps=2", "--batch_size=2", "--context=16", "--block_size=64", *CPU_ARGV]
     assert main(argv) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
 def test_validate_says_when_there_is_no_fused_optimizer(monkeypatch, capsys):
     monkeypatch.delattr(rotkern, "FusedRotatedAdamW", raising=False)
-    assert main(["validate", "--steps=1"]) == 2
+    assert main(["validate", "--steps=1", *CPU_ARGV]) == 2
     assert "FusedRotatedAdamW" in capsys.readouterr().err
 
 
@@ -45,7 +45,7 @@ def test_validate_under_the_triton_interpreter(tmp_path, model):
     pytest.importorskip("triton", reason="the interpreter needs triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     argv = ["validate", f"--model={model}", "--steps=5", "--batch_size=2", "--context=16", "--block_size=64",
-            "--backend=triton", f"--out_dir={tmp_path}"]  # fmt: skip
+            "--backend=triton", *CPU_ARGV, f"--out_dir={tmp_path}"]  # fmt: skip
     run = subprocess.run([sys.executable, "-m", "rotkern.trainers", *argv], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "validate: passed" in run.stdout

@@ -22,16 +22,22 @@ from torch import nn
 DCP_FOLDER = "ckpt_dcp"
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """Apply FSDP2 in place: each ModuleList element, then the root. Returns the model (now FSDP-managed)."""
+def shard_model(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """Apply FSDP2 in place: each ModuleList element, then the root. Returns the model (now FSDP-managed).
+
+    ``device``: shard over a mesh of its type. Without it FSDP's default mesh is the machine's accelerator, which
+    moves a model meant for the CPU (``--device=cpu`` under gloo) onto CUDA wherever a GPU is visible."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if device is not None else None
     for mod in list(model.modules()):
         if isinstance(mod, nn.ModuleList):
             for block in mod:
                 if any(p.requires_grad for p in block.parameters()):
-                    fully_shard(block)
-    fully_shard(model)
+                    fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

@@ -414,6 +414,7 @@ class Setup:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    asked = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -423,8 +424,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise TrainerError("--device=cuda but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
+        per_rank = dev.index is None
+        if per_rank:
+            dev = torch.device("cuda", local_rank)  # torchrun's process r on a node takes cuda:r
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            which = f"cuda:{dev.index} (this process's LOCAL_RANK)" if per_rank else f"cuda:{dev.index}"
+            fix = "launch at most that many processes per node (--nproc_per_node)" if per_rank else "pick one of those"
+            raise TrainerError(
+                f"--device={asked} means {which} but this machine has {count} CUDA device(s): {fix}, or pass "
+                "--device=cpu"
+            )
     return dev
 
 
@@ -882,7 +892,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
     if cfg.fsdp:
         from .fsdp import shard_model
 
-        shard_model(model)
+        shard_model(model, s.device)
     # A checkpoint past switch_at holds the switched optimizer's state: build that one to load it into.
     active = optimizer_after(cfg, int(ckpt["step"]) if ckpt is not None else 0)
     opt = make_optimizer(active, model)
