@@ -15,8 +15,11 @@ Two rules, and where each holds:
   the first step (each flip moves the parameters by 2 lr along an orthonormal direction).
 
 The Triton interpreter computes every ``tl.dot`` in plain fp32 whatever ``input_precision`` says, so on a CPU
-the ``tf32`` and ``tf32x3`` rows below are exercised only as fp32; the GPU tests run each precision
-explicitly (``tf32`` against an eager reference whose matmuls also run in TF32).
+``tf32x3`` is exercised only as fp32. ``tf32`` is not: the kernels round their dot operands to the nearest tf32
+value themselves (Triton's tf32 dot would truncate them), so under the interpreter a ``tf32`` step is a TF32
+step, and :class:`tf32_matmuls` gives the eager reference the same TF32 matmuls on a CPU that
+``torch.backends.cuda.matmul.allow_tf32`` gives it on a GPU. A ``tf32`` kernel is judged against that eager
+TF32 step, on a CPU and on a GPU alike.
 """
 
 from __future__ import annotations
@@ -24,8 +27,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["TOLERANCES", "tolerance", "assert_close_to_ref", "dense_adamw_oracle", "error_summary", "sign_ties"]
+from .kernels.reference import round_to_tf32
+
+__all__ = [
+    "TOLERANCES",
+    "tolerance",
+    "assert_close_to_ref",
+    "dense_adamw_oracle",
+    "error_summary",
+    "sign_ties",
+    "tf32_matmuls",
+]
 
 # (what is compared) -> (rtol, atol). Keys name the comparison, not the test.
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -179,3 +193,24 @@ def dense_adamw_oracle(
         u = (m / (1 - b1**t)) / (vv.sqrt() / (1 - b2**t) ** 0.5 + eps)
         theta = theta * (1 - lr * wd) - lr * (d_mat.T @ u)
     return theta, m, v
+
+
+_MATMULS = {
+    torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+    torch.Tensor.mm, torch.Tensor.bmm, torch.nn.functional.linear,
+}  # fmt: skip
+
+
+class tf32_matmuls(TorchFunctionMode):
+    """Within it, fp32 matmuls are TF32 matmuls on any device: both operands rounded to the nearest tf32 value
+    (:func:`rotkern.kernels.reference.round_to_tf32`, as cuBLAS does under ``allow_tf32``), then multiplied in
+    fp32, where products of tf32 values are exact. The eager reference of a ``precision="tf32"`` kernel on a CPU;
+    other dtypes and ops pass through unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _MATMULS:
+            args = tuple(
+                round_to_tf32(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a for a in args
+            )
+        return func(*args, **(kwargs or {}))

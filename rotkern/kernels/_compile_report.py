@@ -61,6 +61,8 @@ _MODULES = {**{k: KERNEL_MODULE for k in KERNELS}, "_two_sided_kernel": TWO_SIDE
 
 def _kernel_fn(name: str):
     return getattr(importlib.import_module(_MODULES[name]), name)
+
+
 MODELS = ("gpt2-124m", "vit-s16", "resnet50")
 P_DTYPES = (torch.float32, torch.bfloat16)
 BLOCK_SIZE = 768  # the optimizer's default n
@@ -468,6 +470,16 @@ def _compile(variant: Variant) -> dict:
         num_warps=int(kernel.metadata.num_warps),
         seconds=time.perf_counter() - t0,
     )
+
+
+def compile_ptx(variant: Variant) -> str:
+    """The PTX Triton generates for one variant (in this process; no ptxas log): what the access widths are."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    fn = _kernel_fn(variant.kernel)
+    src = ASTSource(fn, variant.signature, variant.constexprs, variant.attrs)
+    return compile(src, target=GPUTarget("cuda", variant.capability, 32), options=variant.options).asm["ptx"]
 
 
 def compile_variants(variants: Sequence[Variant], workers: int | None = None) -> list[Report]:

@@ -17,7 +17,11 @@ Tables (int64 unless noted), as the kernels read them:
 - rot: every distinct R (one per block size, shared by all units of a seed), fp32 row-major, row stride
   padded to a multiple of 16 so the kernels may assume aligned rows.
 - tiles (per launch, TILE_FIELDS): runs of equal-size block-rows, at most BLOCK_M each, with their R and
-  workspace offsets. chunks (identity launch, CHUNK_FIELDS): param, start, stop, decay.
+  workspace offsets. chunks (identity launch, CHUNK_FIELDS): param, base, first element, stop, decay. A chunk
+  covers [base, base + ID_BLOCK) of its param, base an absolute multiple of ID_BLOCK, intersected with the unit's
+  [first, stop): an identity piece that starts inside a param (an unrotated third of a fused QKV weight) begins
+  with a partial, masked chunk, so that every full chunk starts 16-byte aligned in an aligned param, as the
+  element-wise kernel's vector loads assume.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ..scopes import Unit
 TILE_FIELDS = 6  # first row, rows, block size nb, offset of R, row stride of R, workspace offset
 ROW_FIELDS = 9  # rbase, q0, es, gather segs [lo, hi), moment segs [lo, hi), pi offset (-1: none), step param
 SEG_FIELDS = 4  # first virtual position, flat offset in the param minus virtual position, param, decays (0/1)
-CHUNK_FIELDS = 4  # param, start, stop, decay (0/1)
+CHUNK_FIELDS = 5  # param, base (a multiple of ID_BLOCK), first element, stop, decay (0/1)
 ID_BLOCK = 1024  # elements per program of the element-wise kernel
 
 
@@ -149,13 +153,14 @@ def build_plan(
         dkey = _dtype_key(u, p_dtypes, g_dtypes)
         if u.rotation is None:
             s = u.segments[0]
-            starts = np.arange(s.start, s.stop, ID_BLOCK, dtype=np.int64)
+            bases = np.arange(s.start // ID_BLOCK * ID_BLOCK, s.stop, ID_BLOCK, dtype=np.int64)
             c = np.stack(
                 [
-                    np.full_like(starts, s.param),
-                    starts,
-                    np.full_like(starts, s.stop),
-                    np.full_like(starts, decays(s.param)),
+                    np.full_like(bases, s.param),
+                    bases,
+                    np.maximum(bases, s.start),
+                    np.full_like(bases, s.stop),
+                    np.full_like(bases, decays(s.param)),
                 ],
                 axis=1,
             )

@@ -422,6 +422,20 @@ def _decay_row(unit: Unit, decay_mask: Sequence[bool] | None, like: torch.Tensor
     return torch.cat([like.new_full((s.numel,), 1.0 if decay_mask[s.param] else 0.0) for s in unit.segments])
 
 
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to the nearest tf32 value (10-bit mantissa, ties away from zero: PTX's
+    ``cvt.rna.tf32.f32``, what cuBLAS's TF32 does to its inputs), returned as fp32; NaN and inf pass through.
+
+    The kernels' ``precision="tf32"`` rounds its dot operands so (Triton's ``tf32`` dot alone truncates them);
+    :func:`rotkern.testing.tf32_matmuls` uses it to emulate TF32 matmuls on a CPU.
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"round_to_tf32 takes float32, got {x.dtype}")
+    bits = x.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & -0x2000).view(torch.float32)  # -0x2000 == 0xFFFFE000 as int32
+    return torch.where(torch.isnan(x), x, rounded).view(x.shape)
+
+
 def rotated_sgdm_ref(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],

@@ -56,6 +56,7 @@ from ..scopes import Unit
 from . import _rotated_adamw_plan as plan_tables
 from . import _triton_compat  # noqa: F401  (applies the Triton interpreter fix of triton#9171 where needed)
 from ._rotated_adamw_plan import PlanCache, get_plan
+from .reference import round_to_tf32
 
 __all__ = ["PRECISIONS", "rotated_adamw_step"]
 
@@ -128,6 +129,21 @@ def _round_to(x, DTYPE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN must not carry into the sign
     return x.to(DTYPE)
+
+
+@triton.jit
+def _round_tf32(x):
+    """fp32 -> the nearest tf32 (10-bit mantissa; ties away from zero, as cvt.rna.tf32.f32), still in fp32.
+
+    Triton's ``tf32`` dot hands its fp32 operands to the tensor cores as they are, which read the top 19 bits:
+    truncation toward zero, a bias of about -2^-11 per operand (-1e-3 relative on every rotated coordinate, the
+    update shrunk as much again), where cuBLAS's TF32 (``allow_tf32``) rounds to nearest. Rounding the operands
+    here first makes the hardware's truncation exact and the dot unbiased. Under the interpreter, whose dots are
+    fp32, the rounded operands emulate a TF32 dot (products of 11-bit mantissas are exact in fp32).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)  # a NaN's payload must not carry into the sign
 
 
 @triton.jit
@@ -311,6 +327,8 @@ def _rotated_adamw_kernel(
                 x = tl.load(g_p, mask=mask, other=0.0).to(tl.float32)
                 if UNSCALE:
                     x = _unscale(x, scale_ptr)
+                if PRECISION == "tf32":
+                    x = _round_tf32(x)  # the staged X feeds only the dots below
                 tl.store(ws_rows + c, x, mask=mask)
             tl.debug_barrier()  # the K loops below read slots other threads of this program wrote
         else:
@@ -337,7 +355,9 @@ def _rotated_adamw_kernel(
                     x = tl.load(g_rows + c[None, :], mask=xmask, other=0.0).to(tl.float32)
                     if UNSCALE:
                         x = _unscale(x, scale_ptr)
-                # R^T tile, rt[c, a] = R[a, c], straight from row-major R.
+                    if PRECISION == "tf32":
+                        x = _round_tf32(x)
+                # R^T tile, rt[c, a] = R[a, c], straight from row-major R (rounded on the host for tf32).
                 rt = tl.load(rot + a * r_stride + c[:, None], mask=(c[:, None] < nb) & (a < nb), other=0.0)
                 acc = tl.dot(x, rt, acc, input_precision=PRECISION)
             if MAXIMIZE:
@@ -361,7 +381,10 @@ def _rotated_adamw_kernel(
                 v = tl.maximum(tl.load(vmax_p, mask=mask, other=0.0), v, propagate_nan=tl.PropagateNan.ALL)
                 tl.store(vmax_p, v, mask=mask)
             if not STAGED:
-                tl.store(ws_rows + a, _adam_direction(m, v, bc2_sqrt, eps), mask=mask)
+                u = _adam_direction(m, v, bc2_sqrt, eps)
+                if PRECISION == "tf32":
+                    u = _round_tf32(u)  # u feeds only phase 2's dot
+                tl.store(ws_rows + a, u, mask=mask)
 
     if PHASE == 0:
         tl.debug_barrier()  # phase 2 reads moments / u that other threads of this program stored
@@ -381,6 +404,8 @@ def _rotated_adamw_kernel(
                     )
                     vv_p = _ptr(ptr_table, num_params, _VMAX if AMSGRAD else _V, pidx, local, lm, tl.float32, False)
                     u = _adam_direction(m, tl.load(vv_p, mask=umask, other=0.0), bc2_sqrt, eps)
+                    if PRECISION == "tf32":
+                        u = _round_tf32(u)
                 else:
                     u = tl.load(ws_rows + a[None, :], mask=umask, other=0.0)
                 # Padding must be exactly 0: with eps = 0 it is 0/0, which would leak NaN through the dot.
@@ -479,7 +504,7 @@ def _adamw_kernel(
     scale_ptr,  # GradScaler's grad_scale (read only when UNSCALE)
     inf_ptr,  # GradScaler's found_inf: nonzero skips the step
     # cached metadata
-    chunk_ptr,  # int64 (chunks, CHUNK_FIELDS): param, start, stop, decay
+    chunk_ptr,  # int64 (chunks, CHUNK_FIELDS): param, base (a multiple of BLOCK), first element, stop, decay
     # sizes
     num_params,
     # meta
@@ -495,12 +520,15 @@ def _adamw_kernel(
     pid = tl.program_id(0).to(tl.int64)
     chunk = chunk_ptr + pid * CHUNK_FIELDS
     pidx = tl.load(chunk)
-    start = tl.multiple_of(tl.load(chunk + 1), BLOCK)
-    stop = tl.load(chunk + 2)
+    # The plan puts every base on an absolute multiple of BLOCK (a piece starting inside a param begins with a
+    # partial chunk): with a 16-byte aligned param, the hint below is true and full chunks load 16 B vectors.
+    base = tl.multiple_of(tl.load(chunk + 1), BLOCK)
+    first = tl.load(chunk + 2)
+    stop = tl.load(chunk + 3)
     # found_inf: an empty chunk (every access masked off) instead of an early return.
-    stop = tl.where(tl.load(inf_ptr).to(tl.float32) == 0.0, stop, start)
-    decay = tl.load(chunk + 3)
-    offs = start + tl.arange(0, BLOCK)
+    stop = tl.where(tl.load(inf_ptr).to(tl.float32) == 0.0, stop, first)
+    decay = tl.load(chunk + 4)
+    offs = base + tl.arange(0, BLOCK)
 
     lr = tl.load(lr_ptr).to(tl.float64)
     beta1 = tl.load(b1_ptr).to(tl.float64)
@@ -518,7 +546,7 @@ def _adamw_kernel(
     m_p = _ptr(ptr_table, num_params, _M, pidx, offs, ok, tl.float32, ALIGNED)
     v_p = _ptr(ptr_table, num_params, _V, pidx, offs, ok, tl.float32, ALIGNED)
     vmax_p = _ptr(ptr_table, num_params, _VMAX, pidx, offs, ok, tl.float32, ALIGNED)
-    if start + BLOCK <= stop:
+    if (first == base) & (base + BLOCK <= stop):
         # A full chunk needs no mask, so aligned pointers give 16-byte vector loads and stores.
         _adamw_elements(
             p_p,
@@ -547,7 +575,7 @@ def _adamw_kernel(
             m_p,
             v_p,
             vmax_p,
-            offs < stop,
+            (offs >= first) & (offs < stop),
             beta1,
             beta2,
             eps,
@@ -601,8 +629,9 @@ def rotated_adamw_step(
             is nonzero, write nothing (the step counts are advanced, then ``found_inf`` is subtracted from them),
             all on the device: no host sync.
         precision: ``tl.dot`` input precision for the rotations: ``ieee`` (true fp32, slow on tensor-core
-            GPUs), ``tf32x3`` (fp32-level accuracy on tensor cores; default) or ``tf32`` (fastest, ~1e-3
-            relative error in the rotated gradient).
+            GPUs), ``tf32x3`` (fp32-level accuracy on tensor cores; default) or ``tf32`` (fastest; operands rounded
+            to the nearest tf32 first, as cuBLAS's TF32 does: ~1e-3 relative error in the rotated gradient, no
+            bias).
         single_pass: one launch per block-size class with in-program barriers (default), or two (rotate +
             Adam, then unrotate + apply).
         plan_cache: where the per-units metadata is cached (an optimizer passes its own); default: a small
@@ -671,7 +700,8 @@ def rotated_adamw_step(
                 _launch(_adamw_kernel, grid, ptr_table, hyper, *scalars, launch.table, len(params), ALIGNED=aligned,
                         **common)  # fmt: skip
                 continue
-            args = (ptr_table, hyper, *scalars, launch.table, plan.rows, plan.segments, plan.perm, plan.rot, ws)
+            rot = plan.rot if precision != "tf32" else _rot_tf32(plan)
+            args = (ptr_table, hyper, *scalars, launch.table, plan.rows, plan.segments, plan.perm, rot, ws)
             idx = tl.int64 if plan.wide else tl.int32
             for phase in (0,) if single_pass else (1, 2):
                 _launch(_rotated_adamw_kernel, grid, *args, len(params), IDX=idx, PRECISION=precision, PHASE=phase,
@@ -760,6 +790,14 @@ class _CallBuffers:
         return self.device_table
 
 
+def _rot_tf32(plan) -> torch.Tensor:
+    """The plan's R blocks rounded to tf32 (nearest; see ``_round_tf32``), made once per plan: R is read in every
+    dot tile, so it is rounded here rather than in the K loops."""
+    rot = getattr(plan, "rot_tf32", None)
+    if rot is None:
+        rot = plan.rot_tf32 = round_to_tf32(plan.rot)
+    return rot
+
 
 def _workspace(cache: PlanCache, device: torch.device, numel: int) -> torch.Tensor | None:
     """The fp32 workspace, one per plan cache (an optimizer's) and device, grown to the largest plan's need:
@@ -841,6 +879,7 @@ def _check_tensors(i: int, checks: list, device: torch.device, first: int) -> No
             raise ValueError(f"param {i}: {name} has dtype {t.dtype}; expected a floating-point dtype")
         if name.startswith(("exp_", "max_")) and t.dtype != torch.float32:
             raise ValueError(f"param {i}: {name} is {t.dtype}; the Triton step keeps fp32 moments")
+
 
 # %% torch.library op --------------------------------------------------------------------------------------
 # torch.compile sees the step as this one opaque op (with a fake implementation: it returns nothing and mutates

@@ -51,7 +51,15 @@ import triton.language as tl
 
 from .._backend import PRECISIONS, why_not_triton
 from . import _triton_compat  # noqa: F401  (applies the Triton interpreter fix of triton#9171 where needed)
-from .rotated_adamw_step import _TL_DTYPES, _adam_direction, _adam_moments, _device_guard, _launch, _round_to
+from .rotated_adamw_step import (
+    _TL_DTYPES,
+    _adam_direction,
+    _adam_moments,
+    _device_guard,
+    _launch,
+    _round_tf32,
+    _round_to,
+)
 
 __all__ = ["two_sided_adamw_ref", "two_sided_adamw_step"]
 
@@ -121,6 +129,10 @@ def _two_sided_kernel(
                         other=0.0).to(tl.float32)  # fmt: skip
             b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=kmask[:, None] & cmask,
                         other=0.0).to(tl.float32)  # fmt: skip
+            if PRECISION == "tf32":
+                # Nearest tf32 operands, as cuBLAS's TF32: Triton's tf32 dot alone truncates (see _round_tf32).
+                a = _round_tf32(a)
+                b = _round_tf32(b)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
         acc = tl.load(a_base + rows[:, None] * stride_am + cols[None, :] * stride_ak, mask=mask, other=0.0)

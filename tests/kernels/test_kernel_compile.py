@@ -152,3 +152,27 @@ def test_gradscaler_variants_compile_without_spills(scope):
             var = report.compile_inputs(launch, tgt.capability)
             variants.setdefault(var.key(), var)
         _assert_compile_without_spills(variants.values(), tgt)
+
+
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+def test_gpt2_elementwise_variants_keep_16_byte_vector_accesses(target):
+    """GPT-2's element-wise (identity) chunks, fp32 and bf16 params, the launcher's aligned variant: every global
+    access of a full chunk is a 16-byte vector (ld/st.global.v4). The plan starts chunks on absolute multiples of
+    the block, so the kernel's alignment hints are true (tests/kernels/test_rotated_adamw_plan.py); this shows they
+    still buy the vector accesses. The masked partial chunks are scalar, as before."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import re
+
+    shapes, roles, mask = report.model_group("gpt2-124m")
+    tgt = report.TARGETS[target]
+    launches = report.launched_kernels(shapes, roles, mask, "none", precisions=["tf32x3"])
+    calls = [c for cs in launches.values() for c in cs if c.kernel == "_adamw_kernel"]
+    assert len(calls) == 2 and all(c.kwargs["ALIGNED"] for c in calls)  # fp32 and bf16, meta tensors are aligned
+    for call in calls:
+        ptx = report.compile_ptx(report.compile_inputs(call, tgt.capability))
+        loads = re.findall(r"ld\.global(?:\.\w+)*?\.v(\d)\.b32", ptx)
+        stores = re.findall(r"st\.global(?:\.\w+)*?\.v(\d)\.b32", ptx)
+        dtype = call.kwargs["P_DTYPE"]
+        print(f"\n{target} {dtype}: {len(loads)} vector loads {sorted(set(loads))}, {len(stores)} vector stores")
+        # p, g, m, v read and p, m, v written as 16-byte vectors (bf16 p and g: 8 elements per v4.b32).
+        assert loads.count("4") >= 4 and stores.count("4") >= 3, ptx[:2000]

@@ -33,3 +33,43 @@ def test_plan_memory_beyond_params_grads_and_state(scope, monkeypatch):
     # Block-row tables, R and tiles: 3-4 % of an fp32 d-vector at full GPT-2 (output: 14.7 MiB of 474 MiB).
     assert tables - perm <= 0.06 * 4 * d
     print(f"{scope}: workspace {workspace / (4 * d):.2f}, tables {tables / (4 * d):.3f} fp32 d-vectors")
+
+
+@pytest.mark.parametrize(
+    "shapes, roles, pieces",
+    [
+        ([(99, 33)], ["qkv"], "qv"),  # the k third starts at element 1089: 4 bytes past a 16-byte boundary
+        ([(99, 33)], ["qkv"], "q"),
+        ([(3 * 700, 11), (5,), (2304, 768)], ["qkv", "vector", "qkv"], "k"),
+        ([(37,), (4099,), (13, 7)], ["vector", "vector", "matrix"], "qkv"),
+    ],
+)
+@pytest.mark.parametrize("scope", ["none", "output", "layer", "global"])
+def test_identity_chunks_start_on_absolute_multiples_of_the_block(shapes, roles, pieces, scope):
+    """The element-wise kernel declares its chunk bases multiples of ID_BLOCK and, with aligned params, its pointers
+    16-byte aligned (vector loads): a base inside a param's piece would be a misaligned access on a GPU. Every
+    chunk's base is an absolute multiple of ID_BLOCK, and the chunks of each identity piece cover it exactly once."""
+    from rotkern.kernels._rotated_adamw_plan import CHUNK_FIELDS, ID_BLOCK
+
+    shapes = [torch.Size(s) for s in shapes]
+    if scope == "none" and pieces != "qkv":
+        pytest.skip("qkv_pieces is for the rotated static scopes")
+    units = build_units(shapes, scope, block_size=16, seed=0, roles=roles, qkv_pieces=pieces)
+    dtypes = [torch.float32] * len(shapes)
+    plan = build_plan(units, dtypes, dtypes, None, torch.device("cpu"))
+    tables = [x.table for x in plan.launches if not x.rotated]  # none where every piece is rotated
+    chunks = torch.cat(tables).reshape(-1, CHUNK_FIELDS) if tables else torch.zeros(0, CHUNK_FIELDS, dtype=torch.long)
+    param, base, first, stop = (chunks[:, k] for k in range(4))
+    assert (base % ID_BLOCK == 0).all()
+    assert ((base <= first) & (first < stop) & (first < base + ID_BLOCK)).all()
+    covered = {}
+    for p, b, f, s in zip(param.tolist(), base.tolist(), first.tolist(), stop.tolist(), strict=True):
+        covered.setdefault(p, []).extend(range(f, min(s, b + ID_BLOCK)))
+    want = {}
+    for u in units:
+        if u.rotation is None:
+            seg = u.segments[0]
+            want.setdefault(seg.param, []).extend(range(seg.start, seg.stop))
+    assert {p: sorted(v) for p, v in covered.items()} == {p: sorted(v) for p, v in want.items()}
+    if pieces == "qv" and scope != "none":
+        assert 1089 in first.tolist()  # the unaligned piece start is a partial chunk's first element, not a base

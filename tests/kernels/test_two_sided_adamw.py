@@ -349,3 +349,28 @@ def test_dense_svd_side_cache_follows_recomputes_and_loads():
     opt.step()
     (entry,) = opt._svd_dense_cache.values()
     assert entry[2][1] is not r and torch.equal(entry[2][1], r)  # same reflectors (no recompute at step 4)
+
+
+@pytest.mark.parametrize("shape", [(33, 9), (16, 16)])
+def test_tf32_rounds_the_operands_to_nearest(shape, monkeypatch):
+    """precision="tf32": the kernel rounds its dot operands to the nearest tf32 value, as cuBLAS's TF32 does
+    (Triton's tf32 dot alone truncates: a bias). Under the interpreter the kernel's dots are then exactly TF32, so
+    it equals the eager twin under emulated TF32 matmuls to fp32 rounding; on a GPU it is judged against the twin
+    under allow_tf32."""
+    from rotkern.testing import tf32_matmuls
+
+    if ON_GPU:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        kernel, ref = _run_pair(shape, 4, precision="tf32")
+        _compare(kernel, ref, f"{shape} tf32", param_tol="fused_tf32")
+        return
+    gen = torch.Generator().manual_seed(4)
+    L, R = _orthogonal(shape[0], gen), _orthogonal(shape[1], gen)
+    p0 = torch.randn(shape, generator=gen)
+    kernel, ref = _State(p0.clone(), False), _State(p0.clone(), False)
+    for t in range(1, 4):
+        g = torch.randn(shape, generator=gen)
+        kernel.step(two_sided_adamw_step, g, L, R, **HYPER, step=t, precision="tf32")
+        with tf32_matmuls():
+            ref.step(two_sided_adamw_ref, g, L, R, **HYPER, step=t)
+    _compare(kernel, ref, f"{shape} tf32 (emulated)")
