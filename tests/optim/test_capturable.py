@@ -95,14 +95,17 @@ def test_a_capturable_step_off_the_triton_kernels_raises_and_changes_nothing(bac
 # -- on a GPU -------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("scope", ["none", "output", "layer", "global"])
-def test_captured_training_step_replays_like_eager_steps(scope):
+@pytest.mark.parametrize(
+    "scope, precision",
+    [("none", "tf32x3")] + [(s, p) for s in ("output", "layer", "global") for p in ("ieee", "tf32x3", "tf32")],
+)
+def test_captured_training_step_replays_like_eager_steps(scope, precision):
     """A whole training step (forward, backward, opt.step) captured once and replayed 10 times with a new lr and new
-    data each time ends where the same steps run eagerly end."""
+    data each time ends where the same steps run eagerly end, in every tl.dot precision (each its own kernels)."""
     device = torch.device("cuda")
     model = _model(device)
     twin = copy.deepcopy(model)
-    kw = dict(rotation=scope, block_size=16, backend="triton", precision="ieee")
+    kw = dict(rotation=scope, block_size=16, backend="triton", precision=precision)
     lr, ref_lr = torch.tensor(1e-2, device=device), torch.tensor(1e-2, device=device)
     opt = FusedRotatedAdamW(model.parameters(), lr=lr, capturable=True, **kw)
     ref = FusedRotatedAdamW(twin.parameters(), lr=ref_lr, **kw)

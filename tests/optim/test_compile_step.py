@@ -7,6 +7,7 @@ the graph (host reads of its scalars, the rotations' lazy construction)."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from torch._dynamo.utils import counters
 from rotkern import FusedRotatedAdamW, RotatedAdamW
 
 from ._backends import CPU_BACKENDS
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -66,27 +69,44 @@ def test_fused_step_compiles_to_one_graph_without_a_break(backend, scope, scaled
     """fullgraph=True: Dynamo raises at any graph break. The fused step (after a warm-up step that creates the state
     and loads the kernels) traces into one graph around one op per launch, and equals the eager step bit for bit
     with a changing tensor lr, tensor betas and, when scaled, GradScaler's tensors (a found_inf step included)."""
+    _check_fullgraph(backend, scope, scaled, torch.device("cpu"), "ieee")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (the torch.library op on CUDA tensors)")
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+@pytest.mark.parametrize("scope", ["none", "output", "global"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_step_compiles_to_one_graph_on_cuda(scope, scaled, precision):
+    """The same on a GPU: rotkern::rotated_adamw_step on CUDA tensors, compiled kernels (not the interpreter)."""
+    _check_fullgraph("triton", scope, scaled, torch.device("cuda"), precision)
+
+
+def _check_fullgraph(backend, scope, scaled, device, precision):
     torch._dynamo.reset()
     try:
         torch.manual_seed(0)
-        w, b = torch.randn(16, 24), torch.randn(16)
+        w, b = torch.randn(16, 24, device=device), torch.randn(16, device=device)
         ref_w, ref_b = w.clone(), b.clone()
-        lrs = torch.tensor(1e-2), torch.tensor(1e-2)
+        lrs = torch.tensor(1e-2, device=device), torch.tensor(1e-2, device=device)
+        betas = (torch.tensor(0.9, device=device), torch.tensor(0.95, device=device))
         opt, ref = (
-            FusedRotatedAdamW([x, y], lr=lr, betas=(torch.tensor(0.9), torch.tensor(0.95)), rotation=scope,
-                              block_size=8, backend=backend, precision="ieee")  # fmt: skip
+            FusedRotatedAdamW([x, y], lr=lr, betas=betas, rotation=scope, block_size=8, backend=backend,
+                              precision=precision)  # fmt: skip
             for x, y, lr in ((w, b, lrs[0]), (ref_w, ref_b, lrs[1]))
         )
         step = torch.compile(opt.step, fullgraph=True)
         for t in range(8):
             for x, y in ((w, b), (ref_w, ref_b)):
                 gen = torch.Generator().manual_seed(t)
-                x.grad, y.grad = torch.randn(16, 24, generator=gen), torch.randn(16, generator=gen)
+                x.grad = torch.randn(16, 24, generator=gen).to(device)
+                y.grad = torch.randn(16, generator=gen).to(device)
             for lr in lrs:
                 lr.fill_(1e-2 / (1 + t))
             for o in (opt, ref):
                 if scaled:  # what GradScaler hands the step; the inf flag is set at t = 5
-                    o.grad_scale, o.found_inf = torch.tensor(1.0), torch.tensor(float(t == 5))
+                    o.grad_scale = torch.tensor(1.0, device=device)
+                    o.found_inf = torch.tensor(float(t == 5), device=device)
             (opt.step if t == 0 else step)()
             ref.step()
         assert torch.equal(w, ref_w) and torch.equal(b, ref_b)

@@ -308,10 +308,19 @@ GPT2_SHAPES = (
 )
 
 
+# Extra device memory beyond params, grads and Adam's moments at GPT-2 124M, n = 768, as the README states it (MiB,
+# from the plans: the fp32 workspace, the int32 permutation of global/layer, the tables).
+GPT2_EXTRA_MIB = {"none": 4.6, "output": 489.1, "input": 488.0, "layer": 962.4, "global": 962.4}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scope", SCOPES)
-def test_gpt2_step_extra_memory_is_at_most_one_fp32_vector(scope):
+def test_gpt2_memory_beyond_adam_state_is_what_the_readme_says(scope):
+    """The allocator's view, the baseline taken before the first step (params and grads only): what the first step
+    keeps beyond the moments and step counts is within 1 % (+ 2 MiB of small tables) of the README's figure; what
+    it needed at its peak is printed (building the permutation on the device sorts 64-bit keys); a later step
+    allocates at most 1 MiB beyond that."""
     params = [torch.randn(s, device="cuda") * 0.02 for s, _ in GPT2_SHAPES]
     d = sum(p.numel() for p in params)
     assert d == 124_373_760  # nanoGPT GPT-2 124M (tied head, no biases)
@@ -321,19 +330,28 @@ def test_gpt2_step_extra_memory_is_at_most_one_fp32_vector(scope):
     )
     for p in params:
         p.grad = torch.randn_like(p)
-    opt.step()  # builds the cached plan and the state
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     opt.step()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    meta = next(reversed(opt._plans.values())).metadata_bytes  # the plan this step used
+    first_peak = torch.cuda.max_memory_allocated() - base
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    kept = torch.cuda.memory_allocated() - base - state
+    base2 = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt.step()
+    torch.cuda.synchronize()
+    later = torch.cuda.max_memory_allocated() - base2
+    mib = 2**20
     print(
-        f"\n[{scope}] d={d}: extra peak during step() = {extra / 2**20:.1f} MiB = {extra / (4 * d):.3f} fp32 "
-        f"d-vectors; cached plan metadata (allocated at the first step) = {meta / 2**20:.1f} MiB"
+        f"\n[{scope}] d={d}: kept beyond Adam state {kept / mib:.1f} MiB ({kept / (4 * d):.3f} fp32 d-vectors; README "
+        f"{GPT2_EXTRA_MIB[scope]} MiB); first step peak {first_peak / mib:.1f} MiB beyond params and grads (state "
+        f"{state / mib:.1f}); a later step's peak {later / mib:.2f} MiB"
     )
-    assert extra <= 4 * d + 2**20
+    assert state >= 8 * d  # exp_avg and exp_avg_sq, fp32
+    assert kept <= GPT2_EXTRA_MIB[scope] * mib * 1.01 + 2 * mib
+    assert later <= mib
 
 
 @pytest.mark.gpu
