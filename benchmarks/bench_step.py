@@ -57,6 +57,15 @@ Phases, in this order; each is skipped (and recorded as skipped) when its estima
   step, fused and eager vs torch fused AdamW), the rest of the tables, scale-d (synthetic 1M ... 1B params or
   to memory), scale-n (block size 16 ... 4096 on the 67M synthetic set), compile (torch.compile rows, last:
   compile time is the least predictable).
+--keep-first-table: the first set's table (gpt2 by default) is never skipped for budget; instead precisions are
+cut from the end of --precisions (each cut recorded as skipped) until its estimate fits what is left, the first
+precision always kept. The estimate is per timed row (anchors and scope none always run; a precision adds an
+eager and a fused row per rotated scope, tf32x3 a fused one): the last table's measured cost per row and
+parameter, else the whole GPT-2 table's prior (150 s) shared out over its 25 rows.
+Interrupts: SIGINT (Ctrl-C, timeout -s INT) during the timing rounds keeps the rounds completed (medians, p20/p80,
+x torch fused from them); anywhere else (a first call, a compile) what exists is kept. Either way bench_step.json
+(meta: interrupted, interrupted_at = {phase, stage, rounds_done}), .csv and .md are saved, the rows of the group
+cut short are printed, and the exit status is 130.
 
 Outputs in --out: bench_step.json (everything, tagged with GPU, versions and git sha), bench_step.csv (one line
 per row), bench_step.md (benchmarks/report.py's rendering) and the PNG plots. Without CUDA and without --dry-run
@@ -69,6 +78,15 @@ import time
 
 _T0 = time.perf_counter()  # the budget counts from here, before torch is imported
 
+if __name__ == "__main__":  # Ctrl-C while torch imports: nothing to save yet, so exit quietly (no traceback)
+    import signal as _signal
+
+    def _quiet_exit(*_) -> None:
+        print("bench_step: interrupted while starting; nothing saved")
+        raise SystemExit(130)
+
+    _signal.signal(_signal.SIGINT, _quiet_exit)
+
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
@@ -78,8 +96,10 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -511,6 +531,13 @@ class Bench:
         self.precisions = [p for p in args.precisions.split(",") if p]
         self.fused_reason = None if device.type == "cuda" else why_not_triton(torch.empty(0, device=device))
         self.compile_s: list[float] = []
+        # Where the run is, for an interrupt (Ctrl-C, timeout -s INT) to say what it cut short.
+        self.current: str | None = None  # label of the phase running
+        self.stage: str | None = None  # first calls | warm-up | timing rounds, inside time_rows
+        self.group: list[Row] = []  # the rows time_rows was last given (scale-d adds its rows to self.rows late)
+        self.rounds_done = 0
+        self.interrupt: dict | None = None
+        self.kept: dict | None = None  # what --keep-first-table kept of the first set's table
 
     # -- rows of one parameter set ------------------------------------------------------------------
     def make_rows(
@@ -640,8 +667,15 @@ class Bench:
         return False
 
     def time_rows(self, rows: list[Row], grads: Grads, reps: int, warmup: int, deadline: float) -> int:
-        """First calls, warm-up, then interleaved rounds until reps or the deadline (at least 3 rounds)."""
+        """First calls, warm-up, then interleaved rounds until reps or the deadline (at least 3 rounds).
+
+        A KeyboardInterrupt during the rounds keeps the rounds completed so far (medians, vs_torch_fused) and
+        is raised again for main() to save them; one during the first calls or the warm-up just propagates.
+        """
+        self.group, self.rounds_done = rows, 0
+        self.stage = "first calls"
         self.first_calls(rows, grads)
+        self.stage = "warm-up"
         for _ in range(max(warmup - 1, 0)):
             for r in rows:
                 if r.status == "ok":
@@ -652,8 +686,28 @@ class Bench:
                 if self._call(r, grads) and _dynamo_counts()[0] > before:
                     r.fail("n/a", "recompiles every step (Dynamo guard failures)")
         active = [r for r in rows if r.status == "ok"]
+        self.stage = "timing rounds"
+        interrupted = False
+        try:
+            self._rounds(active, grads, reps, deadline)
+        except KeyboardInterrupt:
+            interrupted = True
+        if not interrupted:  # the extra step it takes is not worth delaying an interrupted run's exit
+            for r in active:
+                r.step_extra_mb = self._step_extra(r, grads)
+        torch.set_float32_matmul_precision("highest")
+        anchor = next((r for r in rows if r.backend == "torch-fused" and r.times), None)
+        for r in rows:
+            if r.times and anchor is not None:
+                r.vs_torch_fused = r.median / anchor.median
+        if interrupted:
+            raise KeyboardInterrupt
+        self.stage = None
+        return self.rounds_done
+
+    def _rounds(self, active: list[Row], grads: Grads, reps: int, deadline: float) -> None:
+        """Interleaved rounds; a row's times grow only by whole rounds, so an interrupt leaves complete ones."""
         rng = random.Random(0)
-        done = 0
         for rep in range(reps):
             if rep >= 3 and time.perf_counter() > deadline:
                 break
@@ -670,17 +724,10 @@ class Bench:
                 b = self.clock.mark()
                 marks.append((r, a, b))
             self.clock.sync()
-            for r, a, b in marks:
-                r.times.append(self.clock.ms(a, b))
-            done += 1
-        for r in active:
-            r.step_extra_mb = self._step_extra(r, grads)
-        torch.set_float32_matmul_precision("highest")
-        anchor = next((r for r in rows if r.backend == "torch-fused" and r.times), None)
-        for r in rows:
-            if r.times and anchor is not None:
-                r.vs_torch_fused = r.median / anchor.median
-        return done
+            times = [(r, self.clock.ms(a, b)) for r, a, b in marks]
+            for r, t in times:
+                r.times.append(t)
+            self.rounds_done += 1
 
     def _step_extra(self, r: Row, grads: Grads) -> float | None:
         if self.device.type != "cuda":
@@ -702,6 +749,43 @@ class Bench:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
+    # -- phases and interrupts ----------------------------------------------------------------------
+    def phase(self, name: str, fn: Callable, *a, what: str = "") -> object:
+        """Run one phase; an exception is recorded (the run goes on), and the results are saved after it."""
+        label = f"{name} {what}".strip()
+        print(f"[{self.budget.used():6.1f} s] {label}")
+        self.current = label
+        t0 = time.perf_counter()
+        try:
+            out = fn(*a)
+        except Exception as e:
+            self.errors.append({"phase": label, "error": _one_line(e), "traceback": traceback.format_exc()[-2000:]})
+            print(f"  {label} failed: {_one_line(e)}")
+            self.free()
+            self.stage = None  # a time_rows that raised is over
+            out = None
+        finally:
+            self.phase_s[label] = round(time.perf_counter() - t0, 2)
+            self.save()
+        self.current = None  # left set when a KeyboardInterrupt passes: it names the phase cut short
+        return out
+
+    def interrupted(self) -> int:
+        """After a KeyboardInterrupt: save what was measured, marked interrupted; print it; exit status 130."""
+        self.interrupt = {"phase": self.current, "stage": self.stage, "rounds_done": self.rounds_done}
+        known = {id(r) for r in self.rows}
+        self.rows += [r for r in self.group if id(r) not in known]  # e.g. a scale-d point's rows, added late
+        with _sigint_ignored():  # a second Ctrl-C must not leave a half-written JSON
+            self.save()
+        if self.stage is not None:  # the group cut short never reached its phase's own printout
+            print(f"  {len(self.group)} rows of the interrupted group, {self.rounds_done} completed rounds:")
+            _print_rows(self.group)
+        where = self.current or "between phases"
+        if self.stage:
+            where += f", {self.stage}" + (f" ({self.rounds_done} completed)" if self.stage == "timing rounds" else "")
+        print(f"bench_step: interrupted in {where}; saved {self.out}/bench_step.json, .csv, .md")
+        return 130
+
     # -- results ------------------------------------------------------------------------------------
     def result(self, final: bool = False) -> dict:
         return {
@@ -715,6 +799,9 @@ class Bench:
                 "budget_s": self.args.budget_seconds,
                 "wall_s": round(self.budget.used(), 1),
                 "complete": final,
+                "interrupted": self.interrupt is not None,
+                "interrupted_at": self.interrupt,  # {phase, stage, rounds_done} or None
+                "keep_first_table": self.kept,
                 "phase_s": self.phase_s,
                 "block_size": self.args.block_size or self.sizes.block_size,
                 "reps": self.args.reps or self.sizes.reps,
@@ -759,6 +846,18 @@ class Bench:
         return data
 
 
+class _sigint_ignored:
+    """SIGINT ignored inside the block (main thread only: elsewhere signal.signal cannot be called)."""
+
+    def __enter__(self) -> None:
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _dynamo_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
@@ -794,30 +893,89 @@ def phase_ceilings(b: Bench) -> None:
     )
 
 
+def _table_prior(b: Bench) -> float:
+    """Seconds per parameter of a whole table (every scope and precision) before any was measured."""
+    return 150.0 / 124e6 if b.device.type == "cuda" else 30.0 / 2e4
+
+
 def table_estimate(b: Bench, d: int) -> float:
     """Seconds a set's table will take: the measured cost per parameter of the last table, else a prior."""
     rate = b.calib.get("table_s_per_param")
     if rate is None:
-        rate = 150.0 / 124e6 if b.device.type == "cuda" else 30.0 / 2e4
+        rate = _table_prior(b)
     return 5.0 + rate * d
 
 
-def run_table(b: Bench, ps: ParamSet, grads: Grads) -> list[Row]:
+def timed_rows(scopes: list[str], precisions: list[str], fused: bool = True, anchors: bool = True) -> int:
+    """Rows of a table that step (n/a and skipped ones cost nothing): anchors, scope none, then per rotated
+    scope an eager row per precision with a PyTorch mode (not tf32x3) and a fused one per precision."""
+    n = len(ANCHORS) if anchors else 0
+    for scope in scopes:
+        if scope == "none":
+            n += 1 + fused
+        else:
+            n += sum((p in MATMUL_PRECISION) + fused for p in precisions)
+    return n
+
+
+def row_estimate(b: Bench, d: int) -> float:
+    """Seconds one timed row of a d-parameter table costs: measured on the last table, else the prior of a
+    whole table shared out over its rows (GPT-2 124M: 150 s over 25 rows)."""
+    rate = b.calib.get("table_s_per_row_param")
+    if rate is None:
+        rate = _table_prior(b) / timed_rows(list(SCOPES), list(PRECISIONS))
+    return rate * d
+
+
+def fit_precisions(b: Bench, name: str, d: int) -> list[str]:
+    """--keep-first-table: the longest head of --precisions whose table fits what is left of the budget
+    (precisions are cut from the end; the first one always stays). Each cut is recorded as a budget skip."""
+    row, fused, left = row_estimate(b, d), b.fused_reason is None, b.budget.left()
+    rotated = [s for s in b.scopes if s != "none"]
+    est = 5.0 + row * timed_rows(b.scopes, [], fused)  # anchors and scope none always run
+    totals = []
+    for p in b.precisions:
+        est += row * timed_rows(rotated, [p], fused, anchors=False)
+        totals.append(est)
+    keep = max(1, sum(t <= left for t in totals)) if totals else 0  # totals grow: the ones that fit lead
+    for p, t in zip(b.precisions[keep:], totals[keep:], strict=True):
+        b.budget.skip(
+            "table",
+            f"{name} {p}",
+            f"budget: estimated {t:.0f} s for the table up to {p}, {max(left, 0):.0f} s left "
+            "(--keep-first-table cuts precisions from the end)",
+        )
+    kept = b.precisions[:keep]
+    est = totals[keep - 1] if keep else est
+    b.kept = {"set": name, "precisions": kept, "estimate_s": round(est, 1), "left_s": round(left, 1)}
+    if est > left:  # the first precision alone does not fit: it runs anyway, as the flag promises
+        what = f"{name} {' '.join(kept)}"
+        print(f"  --keep-first-table: {what} runs over budget ({est:.0f} s estimated, {left:.0f} s left)")
+    return kept
+
+
+def run_table(b: Bench, ps: ParamSet, grads: Grads, precisions: list[str] | None = None) -> list[Row]:
     """Every backend x scope x precision on one set (compile rows come in their own phase)."""
     backends = tuple(x for x in BACKENDS if x != "rotated-compile")
-    rows = b.make_rows(ps, "table", backends, b.scopes, b.precisions)
+    rows = b.make_rows(ps, "table", backends, b.scopes, b.precisions if precisions is None else precisions)
     b.rows += rows
+    stepping = sum(r.status == "ok" for r in rows)
     t0 = time.perf_counter()
     deadline = t0 + max(30.0, b.budget.left() * 0.5)
     done = b.time_rows(rows, grads, b.args.reps or b.sizes.reps, b.sizes.warmup, deadline)
     b.calib["table_s_per_param"] = (time.perf_counter() - t0) / ps.d
+    b.calib["table_s_per_row_param"] = (time.perf_counter() - t0) / (max(stepping, 1) * ps.d)
     print(f"  {ps.name}: {len(rows)} rows, {done} rounds, {time.perf_counter() - t0:.1f} s")
+    _print_rows(rows)
+    return rows
+
+
+def _print_rows(rows: list[Row]) -> None:
     for r in rows:
         if r.times:
             print(f"    {r.label:34s} {r.median:9.3f} ms  x{r.vs_torch_fused or float('nan'):6.2f} torch fused")
         elif r.status != "ok":
             print(f"    {r.label:34s} {r.status}: {r.reason}")
-    return rows
 
 
 def run_crosscheck(b: Bench, rows: list[Row], grads: Grads) -> None:
@@ -1104,6 +1262,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=None, help="interleaved rounds per group (default 20; scale 10)")
     ap.add_argument("--block-size", type=int, default=None, help="block size n of the tables (default 768)")
     ap.add_argument("--max-params", type=int, default=2**30, help="largest scale-d point (default 2^30)")
+    ap.add_argument(
+        "--keep-first-table",
+        action="store_true",
+        help="never skip the first set's table (gpt2 by default) for budget: cut precisions from the end of\n"
+        "--precisions until its estimate fits (the first one always runs), record each cut in 'skipped'",
+    )
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run eager)")
     args = ap.parse_args(argv)
     for opt, valid in (("sets", SETS), ("phases", PHASES), ("scopes", SCOPES), ("precisions", PRECISIONS)):
@@ -1130,73 +1294,80 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")
     b = Bench(args, device, sizes)
-    env = b.env
+    try:
+        return run_all(b)
+    except KeyboardInterrupt:  # SIGINT (Ctrl-C, timeout -s INT): keep what was measured, no traceback
+        return b.interrupted()
+
+
+def run_all(b: Bench) -> int:
+    """Every phase in order; results are saved after each one."""
+    args, env = b.args, b.env
     print(
         f"bench_step: {env['gpu']} | torch {env['torch']} | triton {env['triton']} | git {env['git']} | "
         f"budget {args.budget_seconds:.0f} s ({b.budget.left():.0f} s left after imports)"
     )
     phases = [p for p in args.phases.split(",") if p]
     sets = [s for s in args.sets.split(",") if s]
-
-    def phase(name: str, fn: Callable, *a, what: str = "") -> object:
-        label = f"{name} {what}".strip()
-        print(f"[{b.budget.used():6.1f} s] {label}")
-        t0 = time.perf_counter()
-        try:
-            return fn(*a)
-        except Exception as e:
-            b.errors.append({"phase": label, "error": _one_line(e), "traceback": traceback.format_exc()[-2000:]})
-            print(f"  {label} failed: {_one_line(e)}")
-            b.free()
-            return None
-        finally:
-            b.phase_s[label] = round(time.perf_counter() - t0, 2)
-            b.save()
-
-    phase("ceilings", phase_ceilings, b)
+    b.phase("ceilings", phase_ceilings, b)
     if b.ceil is None:  # every floor needs them
         print("bench_step: the ceilings failed (see bench_step.json errors); nothing else can be measured.")
         return 1
-    for name in sets:
-        table = "table" in phases
-        e2e = "e2e" in phases and name == "gpt2"
-        cross = "crosscheck" in phases and name == "gpt2"
-        if not (table or e2e or cross):
-            continue
-        ps = build_set(name, sizes, device)
-        b.sets[name] = ps.summary()
-        if not b.budget.allow("table", name, table_estimate(b, ps.d)):
-            del ps
-            b.free()
-            continue
-        grads = Grads(ps.params)
-        if table or cross:
-            rows = phase("table", run_table, b, ps, grads, what=name) or []
-        else:  # the end-to-end run alone still needs its optimizers
-            rows = b.make_rows(ps, "e2e", ("torch-fused", "rotated-eager", "rotated-fused"), b.scopes, b.precisions)
-        if cross and rows:
-            phase("crosscheck", run_crosscheck, b, rows, grads, what=name)
-        grads.release()
-        if e2e and rows:
-            est = 60.0 if device.type == "cuda" else 10.0
-            if b.budget.allow("e2e", name, est):
-                phase("e2e", run_e2e, b, ps, rows, what=name)
-        for r in b.rows:  # every optimizer of this set, also those of a phase that failed half-way
-            r.fn = r.opt = None
-        del ps, rows, grads
-        b.free()
+    for i, name in enumerate(sets):
+        run_set(b, name, phases, keep=args.keep_first_table and i == 0 and "table" in phases)
     if "scale-d" in phases:
-        phase("scale-d", run_scale_d, b)
+        b.phase("scale-d", run_scale_d, b)
     if "scale-n" in phases:
-        phase("scale-n", run_scale_n, b)
+        b.phase("scale-n", run_scale_n, b)
     if "compile" in phases:
         for name in sets[:1] if args.dry_run else sets:  # the dry run checks the plumbing once
             if b.budget.allow("compile", name, b.compile_estimate() + 10):
-                phase("compile", run_compile, b, name, what=name)
+                b.phase("compile", run_compile, b, name, what=name)
     data = b.save(final=True)
     print(f"wrote {b.out}/bench_step.json, .csv, .md and {len(data.get('plots', []))} plots in {b.budget.used():.0f} s")
     return 0
 
 
+def run_set(b: Bench, name: str, phases: list[str], keep: bool = False) -> None:
+    """One parameter set's table, cross-check and (gpt2) end-to-end run. keep (--keep-first-table, first set):
+    the table runs whatever the budget, with the precisions fit_precisions leaves."""
+    table = "table" in phases
+    e2e = "e2e" in phases and name == "gpt2"
+    cross = "crosscheck" in phases and name == "gpt2"
+    if not (table or e2e or cross):
+        return
+    ps = build_set(name, b.sizes, b.device)
+    b.sets[name] = ps.summary()
+    precisions = None
+    if keep:
+        precisions = fit_precisions(b, name, ps.d)
+    elif not b.budget.allow("table", name, table_estimate(b, ps.d)):
+        del ps
+        b.free()
+        return
+    grads = Grads(ps.params)
+    if table or cross:
+        rows = b.phase("table", run_table, b, ps, grads, precisions, what=name) or []
+    else:  # the end-to-end run alone still needs its optimizers
+        rows = b.make_rows(ps, "e2e", ("torch-fused", "rotated-eager", "rotated-fused"), b.scopes, b.precisions)
+    # A kept table may have run over the budget: then the cross-check, left unchecked otherwise, waits its turn.
+    if cross and rows and (not keep or b.budget.allow("crosscheck", name, 10.0 if b.device.type == "cuda" else 2.0)):
+        b.phase("crosscheck", run_crosscheck, b, rows, grads, what=name)
+    grads.release()
+    if e2e and rows:
+        est = 60.0 if b.device.type == "cuda" else 10.0
+        if b.budget.allow("e2e", name, est):
+            b.phase("e2e", run_e2e, b, ps, rows, what=name)
+    for r in b.rows:  # every optimizer of this set, also those of a phase that failed half-way
+        r.fn = r.opt = None
+    del ps, rows, grads
+    b.free()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here main() turns Ctrl-C into saved results
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before the Bench exists (parsing, git sha): nothing measured
+        print("bench_step: interrupted while starting; nothing saved")
+        sys.exit(130)

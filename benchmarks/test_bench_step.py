@@ -169,3 +169,126 @@ def test_linear_fit_r2():
     fit = bench_step._linear_fit([1, 2, 3, 4], [3, 5, 7, 9])
     assert fit["slope"] == pytest.approx(2) and fit["intercept"] == pytest.approx(1) and fit["r2"] == pytest.approx(1)
     assert bench_step._linear_fit([1, 2, 3], [1, 3, 2])["r2"] < 0.5
+
+
+# %% --keep-first-table and interrupts ----------------------------------------------------------------
+class _StandInFused(RotatedAdamW):
+    """FusedRotatedAdamW's interface on the eager step, so the fused table rows step (and get medians) on a
+    CPU without the Triton interpreter: these tests check the script's budget and interrupt plumbing only."""
+
+    def __init__(self, *args, backend: str = "triton", precision: str = "tf32x3", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.precision = precision
+
+
+@pytest.fixture
+def fused_stand_in(monkeypatch):
+    monkeypatch.setattr(bench_step, "FusedRotatedAdamW", _StandInFused)
+    monkeypatch.setattr(bench_step, "why_not_triton", lambda t: None)
+
+
+TABLE_ARGV = ["--dry-run", "--sets", "gpt2", "--phases", "ceilings,table", "--scopes", "none,output", "--reps", "2"]
+TABLE_ARGV += ["--precisions", "tf32x3,tf32,ieee", "--budget-seconds", "1e6"]  # tests that cut give their own
+
+
+def _table_rows(data: dict) -> dict:
+    return {(r["backend"], r["scope"], r["precision"]): r for r in data["rows"] if r["phase"] == "table"}
+
+
+def test_keep_first_table_cuts_precisions_from_the_end(tmp_path, fused_stand_in, capsys):
+    # The budget counts from bench_step's import, long ago: 1 s leaves nothing, so only the first precision stays.
+    assert bench_step.main([*TABLE_ARGV, "--out", str(tmp_path), "--budget-seconds", "1", "--keep-first-table"]) == 0
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    rows = _table_rows(data)
+    for key in [(a, "none", "-") for a in bench_step.ANCHORS] + [("rotated-eager", "none", "-")]:
+        assert rows[key]["median_ms"] is not None, key  # anchors and scope none always run
+    fused = rows[("rotated-fused", "output", "tf32x3")]
+    assert fused["status"] == "ok" and fused["median_ms"] is not None and fused["vs_torch_fused"] is not None
+    assert rows[("rotated-eager", "output", "tf32x3")]["status"] == "n/a"
+    assert not {p for (_, _, p) in rows} & {"tf32", "ieee"}  # the cut precisions have no rows at all
+    cut = [s for s in data["skipped"] if s["phase"] == "table"]
+    assert [s["what"] for s in cut] == ["gpt2 tf32", "gpt2 ieee"]
+    assert all(s["reason"].startswith("budget: estimated") for s in cut)
+    assert data["meta"]["keep_first_table"]["precisions"] == ["tf32x3"]
+    out = capsys.readouterr().out
+    assert "skipped table gpt2 ieee" in out and "runs over budget" in out
+
+
+def test_keep_first_table_keeps_what_fits(tmp_path, fused_stand_in):
+    """With the budget to spare nothing is cut; the per-row estimate grows with the precisions kept."""
+    assert bench_step.main([*TABLE_ARGV, "--out", str(tmp_path), "--keep-first-table"]) == 0
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    assert not data["skipped"] and data["meta"]["keep_first_table"]["precisions"] == ["tf32x3", "tf32", "ieee"]
+    assert _table_rows(data)[("rotated-eager", "output", "ieee")]["median_ms"] is not None
+    # 25 rows in the whole GPT-2 table (3 anchors, 2 of scope none, 5 per rotated scope) share its 150 s prior.
+    assert bench_step.timed_rows(list(bench_step.SCOPES), list(bench_step.PRECISIONS)) == 25
+    assert bench_step.timed_rows(["output"], ["tf32x3"], anchors=False) == 1  # tf32x3 has no eager row
+    assert data["meta"]["keep_first_table"]["estimate_s"] > 5.0
+
+
+def test_without_keep_first_table_the_set_is_skipped(tmp_path, fused_stand_in):
+    assert bench_step.main([*TABLE_ARGV, "--out", str(tmp_path), "--budget-seconds", "1"]) == 0
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    assert not _table_rows(data)
+    assert [(s["phase"], s["what"]) for s in data["skipped"]] == [("table", "gpt2")]
+    assert data["meta"]["keep_first_table"] is None and not data["meta"]["interrupted"]
+
+
+def _interrupt_anchor_on_call(monkeypatch, n: int) -> None:
+    """The table's torch-fused step raises KeyboardInterrupt (what SIGINT raises) on its n-th call."""
+    make_rows = bench_step.Bench.make_rows
+
+    def patched(self, ps, phase, *args, **kwargs):
+        rows = make_rows(self, ps, phase, *args, **kwargs)
+        for r in rows:
+            if phase == "table" and r.backend == "torch-fused":
+                step, calls = r.fn, []
+
+                def fn(step=step, calls=calls):
+                    calls.append(1)
+                    if len(calls) == n:
+                        raise KeyboardInterrupt
+                    return step()
+
+                r.fn = fn
+        return rows
+
+    monkeypatch.setattr(bench_step.Bench, "make_rows", patched)
+
+
+def _main_interrupted(argv: list[str]) -> int:
+    try:
+        return bench_step.main(argv)
+    except KeyboardInterrupt:  # escaping, it would stop the whole pytest session instead of failing the test
+        pytest.fail("bench_step.main let the KeyboardInterrupt through")
+
+
+def test_interrupt_in_rounds_keeps_completed_rounds(tmp_path, fused_stand_in, monkeypatch, capsys):
+    # Calls: 1 first call, warmup - 1 warm-up steps, then one per round: raising on the next one cuts round 3.
+    done = 2
+    _interrupt_anchor_on_call(monkeypatch, bench_step.DRY.warmup + done + 1)
+    argv = [*TABLE_ARGV, "--out", str(tmp_path), "--reps", "10"]
+    assert _main_interrupted(argv) == 130
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    meta = data["meta"]
+    assert meta["interrupted"] and not meta["complete"]
+    assert meta["interrupted_at"] == {"phase": "table gpt2", "stage": "timing rounds", "rounds_done": done}
+    timed = [r for r in _table_rows(data).values() if r["status"] == "ok"]
+    assert len(timed) == 10  # 5 of scope none and the anchors, 1 tf32x3 + 2 tf32 + 2 ieee of scope output
+    for r in timed:  # the cut round is left out of every row; the completed ones give medians and ratios
+        assert r["reps"] == done and r["median_ms"] is not None and r["p20_ms"] <= r["p80_ms"], r
+        assert r["vs_torch_fused"] is not None
+    assert (tmp_path / "bench_step.csv").read_text().count("\n") == len(data["rows"]) + 1
+    assert "did not finish" in (tmp_path / "bench_step.md").read_text()
+    cap = capsys.readouterr()
+    assert "bench_step: interrupted in table gpt2, timing rounds (2 completed); saved" in cap.out
+    assert "rotated-fused output tf32x3" in cap.out.split("interrupted group")[1]  # the rows measured so far
+    assert "Traceback" not in cap.out + cap.err
+
+
+def test_interrupt_in_first_call_still_saves(tmp_path, fused_stand_in, monkeypatch):
+    _interrupt_anchor_on_call(monkeypatch, 1)
+    assert _main_interrupted([*TABLE_ARGV, "--out", str(tmp_path)]) == 130
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    assert data["meta"]["interrupted"] and data["meta"]["interrupted_at"]["stage"] == "first calls"
+    assert data["ceilings"] and _table_rows(data) and not any(r["reps"] for r in data["rows"])
