@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: run quadratic test lint test-cpu test-compile test-interpret ext test-ext test-gpu bench clean
+.PHONY: run quadratic test lint test-cpu test-compile test-interpret ext test-ext test-gpu-dry test-gpu bench clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -68,13 +68,20 @@ test-ext: ext
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_cpu_step.py
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "ext and not slow"
 
-test: lint test-cpu test-compile test-interpret test-ext
+# The GPU loan's script on the CPU: every phase (kernels under the interpreter on tiny shapes, a stand-in for
+# compute-sanitizer), its summary.md, and its tests (a planted slow phase is cut, the next ones run) (~2 min).
+test-gpu-dry: $(BIN)/.installed
+	$(BIN)/pytest -q benchmarks/test_gpu_run.py
+	GPU_RUN_DRY=1 OUT=runs/gpu-dry PYTHON=$(BIN)/python bash benchmarks/gpu_run.sh all | tail -n 30
 
-# On a GPU machine (its own torch/Triton, nothing installed): every test, the kernels on CUDA.
+test: lint test-cpu test-compile test-interpret test-ext test-gpu-dry
+
+# On a GPU machine (its own torch/Triton, nothing installed): the GPU phases of gpu_run.sh (correctness at GPT-2
+# shapes, compute-sanitizer, the tf32 probe, every GPU test).
 test-gpu:
 	bash benchmarks/gpu_run.sh tests
 
-# On a GPU machine: the whole performance report (one command, about 9 minutes on an H100).
+# On a GPU machine: the GPT-2 speed table, the svd / eigen steps and the end-to-end share (one command).
 bench:
 	bash benchmarks/gpu_run.sh bench
 

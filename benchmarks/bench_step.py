@@ -1341,7 +1341,7 @@ def run_set(b: Bench, name: str, phases: list[str], keep: bool = False) -> None:
     precisions = None
     if keep:
         precisions = fit_precisions(b, name, ps.d)
-    elif not b.budget.allow("table", name, table_estimate(b, ps.d)):
+    elif (table or cross) and not b.budget.allow("table", name, table_estimate(b, ps.d)):  # e2e alone: its own
         del ps
         b.free()
         return
