@@ -59,7 +59,7 @@ if [ "$DRY" = 1 ]; then
   dry=(--dry-run)
 fi
 
-# Default limits (seconds), measured or estimated on an H100: a 10-minute loan (8 minutes after the machine starts)
+# Default limits (seconds), estimated for an H100 (no loan has measured them yet): a 10-minute loan (8 minutes after the machine starts)
 # gets correctness, both sanitizers and the speed table. 0: whatever is left of the deadline.
 declare -A LIMIT=([env]=20 [correctness]=150 [memcheck]=75 [racecheck]=50 [speed]=160 [tf32_probe]=40
                   [gpu_tests]=0 [bases]=60 [e2e]=60)

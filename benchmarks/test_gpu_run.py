@@ -95,3 +95,23 @@ def test_an_unknown_mode_is_refused(tmp_path):
     run = subprocess.run(["bash", str(SCRIPT), "everything"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "OUT": str(tmp_path / "out")})  # fmt: skip
     assert run.returncode == 2 and "unknown mode 'everything'" in run.stderr
+
+
+def test_the_readme_phase_table_is_the_script_s():
+    """The top README's phase table (names, order, limits) is gpu_run.sh's LIMIT table and `all` order."""
+    import re
+
+    script = SCRIPT.read_text()
+    limits = dict(re.findall(r"\[(\w+)\]=(\d+)", script.split("declare -A LIMIT=(", 1)[1].split(")", 1)[0]))
+    order = re.search(r"all\) phases=\"([^\"]+)\"", script).group(1).split()
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (`[^|]+`) \| [^|]+ \| ([^|]+) \|$", readme.split("**What ran where.**", 1)[1], re.M)
+    documented, doc_limits = [], {}
+    for names, limit in rows:
+        phases = re.findall(r"`(\w+)`", names)
+        values = [v.strip() for v in limit.split(",")]
+        for name, value in zip(phases, values * len(phases) if len(values) == 1 else values, strict=True):
+            documented.append(name)
+            doc_limits[name] = "0" if value == "the rest" else value
+    assert documented == order
+    assert doc_limits == limits
