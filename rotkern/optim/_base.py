@@ -27,9 +27,10 @@ Rules a user can observe (each is a test in tests/optim/test_torch_parity.py):
 
 from __future__ import annotations
 
+import copy
 import logging
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,7 @@ class RotatedOptimizerBase(Optimizer):
         self.basis_stats: dict[str, int] = {}
         self._unit_cache: dict[int, tuple[tuple, tuple, list[Unit]]] = {}
         self._shard_unit_cache: dict[int, tuple] = {}
+        self._group_members: dict[int, list] = {}  # each group's params when its units were built
         super().__init__(_normalise_params(params), defaults)
 
     # -- copies ---------------------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class RotatedOptimizerBase(Optimizer):
         # Units hold caches bound to this object's state (svd bases); copies rebuild their own.
         self._unit_cache = {}
         self._shard_unit_cache = {}
+        self._group_members = {}
         for group in self.param_groups:
             group.setdefault("frozen", [False] * len(group["params"]))
             for p in group["params"]:
@@ -304,6 +307,63 @@ class RotatedOptimizerBase(Optimizer):
             if isinstance(unit.rotation, DynamicRotation):
                 unit.rotation.bind(self.state, group["params"][unit.params[0]])
         self._unit_cache[gi] = (quick, spec, units)
+        self._group_members[gi] = list(group["params"])
+
+    def _resync_members(self, gi: int, group: dict[str, Any]) -> None:
+        """Follow a param list changed in place (append, delete, replace, as continual-learning code does to
+        ``group["params"]``), as torch.optim does: the new list trains. The per-param keys (shapes, roles,
+        names, frozen, decay mask, param_names) follow their params; a new param gets a role from its shape,
+        no name and the group's weight decay; removed params' state is dropped. Refused, before anything
+        changes, when a unit with state would change members (its moments live in a basis of the old ones)."""
+        params = group["params"]
+        known = self._group_members.get(gi)
+        if known is None:  # a copy or a fresh unpickle: the recorded shapes tell whether the list is the same
+            if len(params) == len(group["shapes"]):
+                self._group_members[gi] = list(params)
+                return
+            raise ValueError(
+                f"param group {gi}: its param list changed in place after the optimizer was copied; build a new "
+                "optimizer for the new params"
+            )
+        if len(known) == len(params) and all(a is b for a, b in zip(known, params, strict=True)):
+            return
+        old = {id(p): i for i, p in enumerate(known)}
+        cand = {k: v for k, v in group.items() if k != "params"}
+        cand["params"] = list(params)
+        for key in ("names", "roles", "decay_mask", "frozen", "param_names", "shapes"):
+            if group.get(key) is None:
+                continue
+            fill = {"names": None, "param_names": None, "decay_mask": True, "frozen": None, "roles": None}
+            cand[key] = [group[key][old[id(p)]] if id(p) in old else fill.get(key) for p in params]
+        if cand.get("roles") is not None and any(r is None for r in cand["roles"]):
+            guessed = infer_roles([p.shape for p in params], None)
+            cand["roles"] = [r if r is not None else guessed[i] for i, r in enumerate(cand["roles"])]
+        frozen = cand.get("frozen")
+        if frozen is not None:
+            cand["frozen"] = [
+                f if f is not None else isinstance(p, torch.nn.Parameter) and not p.requires_grad
+                for p, f in zip(params, frozen, strict=True)
+            ]
+        shapes = cand.pop("shapes", None)
+        self._check_group_options(gi, cand)
+        # Shapes recorded when the optimizer first saw a param: a later change of shape is still an error.
+        cand["shapes"] = [shapes[i] if id(p) in old else list(p.shape) for i, p in enumerate(params)]
+        units = self._build_units(gi, cand)
+        before = {frozenset(id(known[i]) for i in u.params) for u in self._unit_cache[gi][2]}
+        for u in units:
+            members = frozenset(id(params[i]) for i in u.params)
+            if members not in before and any(self.state.get(params[i]) for i in u.params if id(params[i]) in old):
+                raise ValueError(
+                    f"param group {gi}: its param list changed in place, and rotation={group['rotation']!r} puts "
+                    "params that already have state into a unit with new members: their moments live in the old "
+                    "unit's basis. Add new params with add_param_group(), or build a new optimizer (rotkern."
+                    "to_adamw_state / from_adamw_state convert the moments)"
+                )
+        for p in known:
+            if not any(p is q for q in params):
+                self.state.pop(p, None)
+        group.update({k: v for k, v in cand.items() if k != "params"})
+        self._cache_units(gi, group, units)
 
     def units(self, group_index: int) -> list[Unit]:
         """The rotation units of a param group (cached; rebuilt only if its rotation options change)."""
@@ -346,6 +406,7 @@ class RotatedOptimizerBase(Optimizer):
         return plans
 
     def _plan_group(self, gi: int, group: dict) -> GroupStep | None:
+        self._resync_members(gi, group)
         grads = self._check_group(gi, group)
         params = group["params"]
         empty = [i for i, g in enumerate(grads) if g is not None and params[i].numel() == 0]
@@ -436,6 +497,7 @@ class RotatedOptimizerBase(Optimizer):
         if not plan.units:
             return None
         touched = set(plan.touched)
+        self._refill_emptied_members(plan)
         states = [self._init_state(p, extra_keys) if i in touched else None for i, p in enumerate(params)]
         run_params, run_grads = list(params), list(plan.grads)
         uniform = self._needs_uniform_dtypes(plan.backend)
@@ -519,6 +581,22 @@ class RotatedOptimizerBase(Optimizer):
         """Where ``state["step"]`` of ``p`` lives: the CPU here; fused subclasses keep it on ``p``'s device
         so that kernels read it without a host sync. Checkpoints load onto this device either way."""
         return torch.device("cpu")
+
+    def _refill_emptied_members(self, plan: GroupStep) -> None:
+        """A member of a multi-param unit whose state was emptied (``opt.state[p] = {}``, as continual-learning
+        code does) while the others kept theirs restarts with zero moments at the unit's step: the unit's
+        members share one step count."""
+        params = plan.group["params"]
+        for unit in plan.units:
+            if len(unit.params) < 2 or isinstance(unit.rotation, DynamicRotation):
+                continue
+            states = [self.state.get(params[i]) for i in unit.params]
+            model = next((st for st in states if st), None)
+            if model is None or all(states):
+                continue
+            for i, st in zip(unit.params, states, strict=True):
+                if not st:
+                    self.state[params[i]] = _zero_state_like(model, params[i])
 
     def _init_state(self, p: torch.Tensor, extra_keys: tuple[str, ...] = ()) -> dict:
         state = self.state[p]
@@ -606,6 +684,19 @@ class RotatedOptimizerBase(Optimizer):
                     out[row.unsqueeze(1), row.unsqueeze(0)] = block
             offset += sum(gn)
         return out
+
+
+def _zero_state_like(model: Mapping, p: torch.Tensor) -> dict:
+    """Zero moments for ``p`` with ``model``'s keys, dtypes and step (a member of ``model``'s unit)."""
+    out = {}
+    for key, val in model.items():
+        if key == "step":
+            out[key] = val.clone()
+        elif torch.is_tensor(val) and val.dim() > 0:
+            out[key] = torch.zeros(p.shape, dtype=val.dtype, device=p.device)
+        else:
+            out[key] = copy.deepcopy(val)
+    return out
 
 
 def _mixed_dtype_members(units: list[Unit], params: list, grads: list) -> set[int]:
@@ -741,11 +832,13 @@ def check_hyper(
     high_open: bool = True,
     *,
     where: str = "",
+    tensor_name: str | None = None,
 ) -> None:
-    """Raise ValueError for an out-of-range hyperparameter (torch.optim's messages, after ``where``)."""
+    """Raise ValueError for an out-of-range hyperparameter (torch.optim's messages, after ``where``; a tensor
+    of more than one element is named ``tensor_name``, torch's name for it, e.g. ``lr``, ``betas[0]``)."""
     if torch.is_tensor(value):
         if value.numel() != 1:
-            raise ValueError(f"{where}Tensor {name} must be 1-element, got {value.numel()} elements")
+            raise ValueError(f"{where}Tensor {tensor_name or name} must be 1-element, got {value.numel()} elements")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{where}Invalid {name}: {value!r} (must be a real number)")

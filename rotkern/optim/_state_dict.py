@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..bases import DynamicRotation
-from ._base import SPEC_KEYS, RotatedOptimizerBase, _freeze, _label
+from ._base import SPEC_KEYS, RotatedOptimizerBase, _freeze, _label, _zero_state_like
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -75,8 +75,11 @@ def pack(opt: RotatedOptimizerBase, state: Mapping | None = None, hooks: bool = 
     rotated = rotated_scopes(opt)
     packed_state = {}
     for p, st in (opt.state if state is None else state).items():
-        key = mapping[id(p)] if isinstance(p, torch.Tensor) else p
-        if id(p) in rotated:
+        if not isinstance(p, torch.Tensor):  # a non-param key (opt.state["note"] = 1): passed through, as torch does
+            packed_state[p] = st
+            continue
+        key = mapping[id(p)]
+        if id(p) in rotated and st:  # empty: "no state yet", saved as it is
             packed_state[key] = {"step": marker(rotated[id(p)]), **{PREFIX + k: v for k, v in st.items()}}
         else:
             packed_state[key] = dict(st)
@@ -172,14 +175,19 @@ def unpack(opt: RotatedOptimizerBase, state_dict: Mapping) -> tuple[defaultdict,
     new_state: defaultdict = defaultdict(dict)
     for pid, st in state_dict["state"].items():
         if pid not in id_map:
-            raise ValueError(f"checkpoint state refers to param id {pid!r}, which no param group lists")
+            if isinstance(pid, numbers.Integral):
+                raise ValueError(f"checkpoint state refers to param id {pid!r}, which no param group lists")
+            new_state[pid] = copy.deepcopy(st)  # a non-param key: loaded back as it was saved (torch's semantics)
+            continue
         p = id_map[pid]
         label = labels[id(p)]
         if not isinstance(st, Mapping):
             raise ValueError(f"checkpoint state of {label} is a {type(st).__name__}, not a dict")
+        if len(st) == 0:  # no state yet (a defaultdict read, opt.state[p] = {}, a flattened DCP load): as torch
+            continue
         st = _decode(st, fmt, rotated.get(id(p)), label)
         new_state[p] = _load_param_state(opt, p, st, label, svd_shapes.get(id(p), {}))
-    _check_units(opt, new_state, labels)
+    _complete_units(opt, new_state, labels)
     return new_state, [_merge_group(g, sg) for g, sg in zip(groups, saved_groups, strict=True)]
 
 
@@ -294,8 +302,10 @@ def _step_value(step: Any, label: str) -> float:
     return value
 
 
-def _check_units(opt: RotatedOptimizerBase, new_state: Mapping, labels: Mapping) -> None:
-    """Members of one multi-param unit share their moments' vector: all have state or none, with one step."""
+def _complete_units(opt: RotatedOptimizerBase, new_state: dict, labels: Mapping) -> None:
+    """Members of one multi-param unit share their moments' vector and one step count. A member the checkpoint
+    has no state for (torch: "no state yet") gets zero moments at the unit's step, as a live step gives a member
+    whose state was emptied; members with different steps are refused."""
     for gi, group in enumerate(opt.param_groups):
         params = group["params"]
         for unit in opt.units(gi):
@@ -303,19 +313,17 @@ def _check_units(opt: RotatedOptimizerBase, new_state: Mapping, labels: Mapping)
                 continue
             members = [params[i] for i in unit.params]
             have = [p for p in members if p in new_state]
-            if have and len(have) != len(members):
-                lacking = [labels[id(p)] for p in members if p not in new_state]
-                raise ValueError(
-                    f"param group {gi}: the checkpoint has state for some members of a '{group['rotation']}' unit but "
-                    f"not for {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}; the moments of a unit "
-                    "are one vector"
-                )
             steps = {float(new_state[p]["step"]) for p in have}
             if len(steps) > 1:
                 raise ValueError(
                     f"param group {gi}: members of one '{group['rotation']}' unit have different steps {sorted(steps)} "
                     "in the checkpoint; they share one step count"
                 )
+            if have and len(have) != len(members):
+                model = new_state[have[0]]
+                for p in members:
+                    if p not in new_state:
+                        new_state[p] = _zero_state_like(model, p)
 
 
 def _merge_group(g: dict, sg: dict) -> dict:

@@ -66,7 +66,7 @@ class Muon(Optimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
     ) -> None:
-        check_hyper("learning rate", lr)
+        check_hyper("learning rate", lr, tensor_name="lr")
         check_hyper("weight_decay value", weight_decay)
         check_hyper("momentum value", momentum, 0.0, 1.0)
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):

@@ -131,10 +131,10 @@ class RotatedAdamW(RotatedOptimizerBase):
                 f"state_dtype must be None (the compute dtype, {compute_dtype}) or torch.bfloat16, got {state_dtype}"
             )
         self.state_dtype = compute_dtype if state_dtype is None else state_dtype
-        check_hyper("learning rate", lr)
+        check_hyper("learning rate", lr, tensor_name="lr")
         check_hyper("epsilon value", eps)
-        check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0)
-        check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0)
+        check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, tensor_name="betas[0]")
+        check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, tensor_name="betas[1]")
         check_hyper("weight_decay value", weight_decay)
         defaults = dict(
             lr=lr,
@@ -169,13 +169,13 @@ class RotatedAdamW(RotatedOptimizerBase):
     _supports_capturable = False
 
     def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
-        check_hyper("learning rate", group["lr"], where=where)
+        check_hyper("learning rate", group["lr"], where=where, tensor_name="lr")
         check_hyper("epsilon value", group["eps"], where=where)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
-        check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, where=where)
-        check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, where=where)
+        check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, where=where, tensor_name="betas[0]")
+        check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, where=where, tensor_name="betas[1]")
         check_hyper("weight_decay value", group["weight_decay"], where=where)
         if not isinstance(group.get("stochastic_rounding", False), bool):
             raise ValueError(f"{where}stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}")

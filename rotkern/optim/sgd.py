@@ -24,7 +24,7 @@ class RotatedSGD(RotatedOptimizerBase):
     _moment_keys = ("momentum_buffer",)
 
     def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
-        check_hyper("learning rate", group["lr"], where=where)
+        check_hyper("learning rate", group["lr"], where=where, tensor_name="lr")
         check_hyper("momentum value", group["momentum"], where=where)
         check_hyper("weight_decay value", group["weight_decay"], where=where)
 
@@ -47,7 +47,7 @@ class RotatedSGD(RotatedOptimizerBase):
         vectors: str = "auto",
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
-        check_hyper("learning rate", lr)
+        check_hyper("learning rate", lr, tensor_name="lr")
         check_hyper("momentum value", momentum)
         check_hyper("weight_decay value", weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):

@@ -1,0 +1,190 @@
+"""Situations from other libraries' use of torch.optim (continual-learning code, torch's own optimizer tests),
+each checked against what torch.optim.AdamW does, on every backend: empty per-param entries mean "no state
+yet", a non-param key in ``opt.state`` survives a save and load, and tensor hyperparameters are refused in
+torch's words.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from rotkern import ALL_SCOPES, RotatedAdamW
+
+from .test_torch_parity import BACKENDS, _assert_models_equal, _batches, _make, _net, _train
+
+ROTATED = [s for s in ALL_SCOPES if s not in ("none", "svd", "eigen")]
+
+
+def _torch_then_rotkern(make_torch, make_rotkern, situation):
+    """Run ``situation(model, opt)`` on torch.optim.AdamW and on rotkern; both must succeed."""
+    for make in (make_torch, make_rotkern):
+        model = _net()
+        situation(model, make(model))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["none", *ROTATED])
+def test_a_defaultdict_read_before_any_step_leaves_a_loadable_state(scope, backend):
+    model = _net()
+    opt = _make(backend, model.named_parameters(), rotation=scope)
+    for p in model.parameters():
+        assert opt.state[p] == {}  # a read of torch's defaultdict creates an empty entry
+    sd = opt.state_dict()
+    assert all(st == {} for st in sd["state"].values())
+    fresh = _make(backend, model.named_parameters(), rotation=scope)
+    fresh.load_state_dict(sd)
+    batches = _batches(2)
+    ref_model = _net()
+    ref = _make(backend, ref_model.named_parameters(), rotation=scope)
+    _train(model, fresh, batches)
+    _train(ref_model, ref, batches)
+    _assert_models_equal(model, ref_model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["none", *ROTATED])
+def test_a_state_emptied_by_hand_restarts_that_param_and_the_checkpoint_still_loads(scope, backend):
+    """avalanche's ``opt.state[p] = {}`` after a step: the next step trains, and save/load resumes it exactly."""
+    model = _net()
+    opt = _make(backend, model.named_parameters(), rotation=scope)
+    batches = _batches(5)
+    _train(model, opt, batches[:2])
+    opt.state[model.fc.bias] = {}
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert saved["state"][list(dict(model.named_parameters())).index("fc.bias")] == {}
+    _train(model, opt, batches[2:])
+    # Every member of a unit keeps one step count (a multi-param unit restarts the emptied member's moments only).
+    steps = {float(st["step"]) for st in opt.state.values()}
+    assert steps == ({5.0} if scope == "global" else {5.0, 3.0}), steps  # fc.bias is its own unit but in global
+    resumed = _net()
+    resumed.load_state_dict(saved_model)
+    other = _make(backend, resumed.named_parameters(), rotation=scope)
+    other.load_state_dict(saved)
+    _train(resumed, other, batches[2:])
+    _assert_models_equal(model, resumed)
+    # torch.optim.AdamW does the same: the emptied param restarts and the checkpoint loads.
+    tmodel = _net()
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-2)
+    _train(tmodel, topt, batches[:2])
+    topt.state[tmodel.fc.bias] = {}
+    topt.load_state_dict(copy.deepcopy(topt.state_dict()))
+    _train(tmodel, topt, batches[2:])
+    assert float(topt.state[tmodel.fc.bias]["step"]) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["none", "global", "output"])
+def test_a_non_param_key_in_the_state_is_saved_and_loaded_back(scope, backend):
+    """torch's own optimizer tests put ``opt.state["note"] = ...`` and expect it back after load_state_dict."""
+
+    def situation(model, opt):
+        _train(model, opt, _batches(1))
+        opt.state["note"] = 1
+        opt.state["meta"] = {"epoch": 3}
+        sd = opt.state_dict()
+        assert sd["state"]["note"] == 1 and sd["state"]["meta"] == {"epoch": 3}
+        other = type(opt)(model.parameters(), **({} if isinstance(opt, torch.optim.AdamW) else _kw(opt)))
+        other.load_state_dict(sd)
+        assert other.state["note"] == 1 and other.state["meta"] == {"epoch": 3}
+        _train(model, other, _batches(1, seed=1))
+
+    def _kw(opt):
+        g = opt.param_groups[0]
+        kw = dict(rotation=g["rotation"], block_size=g["block_size"], seed=g["seed"])
+        return kw if isinstance(opt, RotatedAdamW) else {**kw, "backend": backend}
+
+    _torch_then_rotkern(
+        lambda m: torch.optim.AdamW(m.parameters()),
+        lambda m: _make(backend, m.parameters(), rotation=scope),
+        situation,
+    )
+
+
+def test_an_unlisted_integer_param_id_is_still_refused():
+    model = _net()
+    opt = _make("eager", model.parameters(), rotation="global")
+    _train(model, opt, _batches(1))
+    sd = opt.state_dict()
+    sd["state"][99] = copy.deepcopy(sd["state"][0])
+    with pytest.raises(ValueError, match="param id 99, which no param group lists"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+        (dict(betas=(torch.tensor([0.9, 0.9]), 0.99)), r"Tensor betas\[0\] must be 1-element"),
+        (dict(betas=(0.9, torch.tensor([0.99, 0.99]))), r"Tensor betas\[1\] must be 1-element"),
+    ],
+)
+def test_tensor_hyperparameters_are_refused_in_torch_s_words(kwargs, message):
+    params = [torch.nn.Parameter(torch.randn(3, 4))]
+    if "lr" in kwargs:  # torch's constructor reaches its betas wording only after a RuntimeError of its own
+        with pytest.raises(ValueError, match=message):
+            torch.optim.AdamW(params, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        RotatedAdamW(params, **kwargs)
+    opt = RotatedAdamW(params)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **kwargs})
+
+
+def _edit(kind, params, extra):
+    if kind == "append":
+        params.append(extra)
+    elif kind == "delete":
+        del params[1]
+    else:
+        params[1] = extra
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["none", "output", "input", "layer"])
+@pytest.mark.parametrize("kind", ["append", "delete", "replace"])
+def test_a_param_list_changed_in_place_trains_the_new_list(kind, scope, backend):
+    """avalanche's update_optimizer edits group["params"] in place; torch.optim trains the new list."""
+    model = _net()
+    opt = _make(backend, model.named_parameters(), rotation=scope)
+    batches = _batches(3)
+    _train(model, opt, batches[:1])
+    params = opt.param_groups[0]["params"]
+    extra = torch.nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(5)).to(params[0].device))
+    kept = [p for p in params]
+    _edit(kind, params, extra)
+    before = {id(p): p.detach().clone() for p in params}
+    for b in batches[1:]:
+        opt.zero_grad()
+        (model(*b) + (extra.square().sum() if extra.grad is not None or kind != "delete" else 0)).backward()
+        opt.step()
+    group = opt.param_groups[0]
+    assert all(len(group[k]) == len(params) for k in ("shapes", "roles", "frozen", "names"))
+    for p in params:
+        if p.grad is not None:
+            assert not torch.equal(p, before[id(p)])  # every param of the new list trained
+            assert float(opt.state[p]["step"]) == (3 if any(p is q for q in kept) else 2)
+    assert all(any(p is q for q in params) for p in opt.state)  # removed params' state is dropped
+    sd = opt.state_dict()  # saves and loads with the new list
+    other = _make(backend, [{"params": list(params), "roles": group["roles"], "names": group["names"]}], rotation=scope)
+    other.load_state_dict(sd)
+    # torch.optim.AdamW accepts the same edit.
+    tmodel = _net()
+    topt = torch.optim.AdamW(tmodel.parameters())
+    _train(tmodel, topt, batches[:1])
+    _edit(kind, topt.param_groups[0]["params"], torch.nn.Parameter(torch.randn(4, 6)))
+    _train(tmodel, topt, batches[1:])
+
+
+def test_a_param_list_change_that_would_mix_bases_is_refused_before_anything_changes():
+    model = _net()
+    opt = _make("eager", model.named_parameters(), rotation="global")
+    _train(model, opt, _batches(1))
+    params = opt.param_groups[0]["params"]
+    snapshot = copy.deepcopy(opt.state_dict())
+    params.append(torch.nn.Parameter(torch.randn(4, 6)))
+    with pytest.raises(ValueError, match="param list changed in place.*add_param_group"):
+        opt.step()
+    params.pop()
+    assert opt.state_dict()["param_groups"] == snapshot["param_groups"]
+    _train(model, opt, _batches(1, seed=1))  # the original list still trains
