@@ -68,6 +68,10 @@ def pack(opt: RotatedOptimizerBase, state: Mapping | None = None, hooks: bool = 
     groups, start = [], 0
     for group in opt.param_groups:
         packed = {k: v for k, v in group.items() if k != "params"}
+        # rotkern's names are saved only where they add to torch's param_names: an optimizer built from named
+        # params saves what one built from plain params does, plus torch's own key.
+        if packed.get("names") is None or packed.get("names") == packed.get("param_names"):
+            packed.pop("names", None)
         mapping.update({id(p): i for i, p in enumerate(group["params"], start) if id(p) not in mapping})
         packed["params"] = [mapping[id(p)] for p in group["params"]]
         start += len(packed["params"])
@@ -196,6 +200,7 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
     for key in SPEC_KEYS + ("names",):
         mine, theirs = g.get(key), sg.get(key)
         if key == "names":
+            mine, theirs = g.get("names", g.get("param_names")), sg.get("names", sg.get("param_names"))
             if mine is None or theirs is None:
                 continue
             mine, theirs = [strip_wrappers(x) for x in mine], [strip_wrappers(x) for x in theirs]

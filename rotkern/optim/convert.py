@@ -203,7 +203,7 @@ class _RotatedView:
                 block_size=g["block_size"],
                 seed=g["seed"],
                 roles=g["roles"],
-                names=g.get("names"),
+                names=g.get("names", g.get("param_names")),
                 split_qkv=g["split_qkv"],
                 embedding=g["embedding"],
                 vectors=g["vectors"],
@@ -216,7 +216,7 @@ class _RotatedView:
             fmt = _state_dict.read_format(source)
             for i, pid in enumerate(g["params"]):
                 st = source["state"].get(pid)
-                label = _label(g.get("names"), gi, i)
+                label = _label(g.get("names", g.get("param_names")), gi, i)
                 scope = g["rotation"] if i in rotated else None
                 states.append(None if not st else _state_dict._decode(st, fmt, scope, label))
         return cls(groups, units, states, None)
@@ -235,7 +235,8 @@ class _RotatedView:
             res: list[dict | None] = [None] * len(shapes)
             for i, st in enumerate(local):
                 if st is not None:
-                    res[i] = {"step": _state_dict._step_value(st["step"], _label(g.get("names"), gi, i))}
+                    label = _label(g.get("names", g.get("param_names")), gi, i)
+                    res[i] = {"step": _state_dict._step_value(st["step"], label)}
             for key in _MOMENTS:
                 if not any(st is not None and key in st for st in local):
                     continue

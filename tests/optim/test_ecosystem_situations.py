@@ -188,3 +188,21 @@ def test_a_param_list_change_that_would_mix_bases_is_refused_before_anything_cha
     params.pop()
     assert opt.state_dict()["param_groups"] == snapshot["param_groups"]
     _train(model, opt, _batches(1, seed=1))  # the original list still trains
+
+
+@pytest.mark.parametrize("scope", ["none", "global", "output"])
+def test_named_and_plain_params_save_the_same_groups_but_torch_s_param_names(scope):
+    """Names given as (name, tensor) pairs are saved once, as torch's param_names; rotkern keeps them live."""
+    model = _net()
+    named = _make("eager", model.named_parameters(), rotation=scope)
+    roles = named.param_groups[0]["roles"]
+    plain = _make("eager", [{"params": list(model.parameters()), "roles": roles}], rotation=scope)
+    a, b = named.state_dict()["param_groups"][0], plain.state_dict()["param_groups"][0]
+    assert a.pop("param_names") == [n for n, _ in model.named_parameters()]
+    assert a == b
+    assert named.param_groups[0]["names"] == named.param_groups[0]["param_names"]  # live: both keys
+    # A checkpoint saved with names still loads, and its names are still compared.
+    sd = named.state_dict()
+    other = _make("eager", _net().named_parameters(), rotation=scope)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["names"] == a.get("names", named.param_groups[0]["names"])

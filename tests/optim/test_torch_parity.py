@@ -656,7 +656,7 @@ def test_checkpoints_move_between_wrapped_and_unwrapped_models(wrap):
         if direction == "unwrapped":
             assert o.param_groups[0]["names"][0] == "emb.weight"  # this model's names are kept
     renamed = copy.deepcopy(saved)
-    renamed["param_groups"][0]["names"] = ["x" + n for n in renamed["param_groups"][0]["names"]]
+    renamed["param_groups"][0]["param_names"] = ["x" + n for n in renamed["param_groups"][0]["param_names"]]
     with pytest.raises(ValueError, match="names"):
         RotatedAdamW(_net().named_parameters(), **KW, rotation="output").load_state_dict(renamed)
 
