@@ -76,13 +76,18 @@ class FusedRotatedAdamW(RotatedAdamW):
             raise ValueError(f"precision={precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
-        if backend in ("triton", "ext") and kwargs.get("compute_dtype", torch.float32) != torch.float32:
+        if backend in ("triton", "ext") and kwargs.get("compute_dtype") not in (None, torch.float32):
             raise ValueError(
                 f"backend={backend!r} keeps fp32 moments; compute_dtype=torch.float64 needs backend='eager'"
             )
         self.precision = precision
         self.backend = backend
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+        if backend in ("triton", "ext") and self.compute_dtype != torch.float32:
+            raise ValueError(
+                f"backend={backend!r} keeps fp32 moments, and float64 params compute in float64 by default: pass "
+                "backend='eager' (or 'auto'), or compute_dtype=torch.float32 to step them in fp32"
+            )
         self._plans = None  # per-optimizer cache of the kernels' metadata, made on the first Triton step
         self._op_handle = _op_registry.register(self)  # how the compiled step's op finds this optimizer
         # what the last (uncompiled) step ran: "triton", "ext", or "eager" if any unit ran on the eager reference

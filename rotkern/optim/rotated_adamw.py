@@ -10,7 +10,7 @@ import torch
 
 from ..bases import DynamicRotation, EigenRotation
 from ..kernels.reference import rotated_adamw_ref
-from ._base import GroupStep, RotatedOptimizerBase, _label, check_hyper
+from ._base import GroupStep, RotatedOptimizerBase, _label, _normalise_params, check_hyper
 
 __all__ = ["RotatedAdamW"]
 
@@ -74,8 +74,10 @@ class RotatedAdamW(RotatedOptimizerBase):
             updates below half an ulp still move them on average; the random draws come from the group's seed,
             the param's position and its step, so a run (and its resume) is deterministic. Every backend: the step
             runs on an fp32 copy of such params. No effect on fp32 / fp64 params.
-        compute_dtype: torch.float32 (default) or torch.float64 (for precision tests); moments (and SVD
-            bases) are stored in this dtype whatever the param dtype.
+        compute_dtype: None (default: float64 when any param given to the constructor is float64, as
+            torch.optim.AdamW computes in the param's dtype; else float32), torch.float32 or torch.float64;
+            moments (and SVD bases) are stored in this dtype whatever the param dtype. Params added later by
+            ``add_param_group`` compute in the dtype chosen here.
         state_dtype: the dtype moments are stored in between steps: None (the compute dtype) or torch.bfloat16
             (half the memory of fp32 moments; lossy: every step still computes in the compute dtype, on copies of
             the moments, and rounds the new moments to nearest bf16, so updates of v smaller than half a bf16 ulp,
@@ -123,9 +125,12 @@ class RotatedAdamW(RotatedOptimizerBase):
         max_precond_dim: int = 10000,
         basis_change: str = "auto",
         stochastic_rounding: bool = False,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
+        params = _normalise_params(params)
+        if compute_dtype is None:
+            compute_dtype = torch.float64 if _has_float64(params) else torch.float32
         if state_dtype not in (None, compute_dtype, torch.bfloat16):
             raise ValueError(
                 f"state_dtype must be None (the compute dtype, {compute_dtype}) or torch.bfloat16, got {state_dtype}"
@@ -352,3 +357,15 @@ def _capturing() -> bool:
 
 def _scalar(x: float | torch.Tensor) -> float:
     return x.item() if torch.is_tensor(x) else float(x)
+
+
+def _has_float64(groups: list) -> bool:
+    """Whether any param of the constructor's groups (tensors or (name, tensor) pairs) is float64."""
+    for g in groups:
+        params = g["params"] if isinstance(g, dict) else g
+        params = [params] if isinstance(params, torch.Tensor) else params
+        for p in params:
+            t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                return True
+    return False

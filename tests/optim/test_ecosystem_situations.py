@@ -206,3 +206,44 @@ def test_named_and_plain_params_save_the_same_groups_but_torch_s_param_names(sco
     other = _make("eager", _net().named_parameters(), rotation=scope)
     other.load_state_dict(sd)
     assert other.param_groups[0]["names"] == a.get("names", named.param_groups[0]["names"])
+
+
+@pytest.mark.parametrize("cls", ["eager", "fused-auto"])
+@pytest.mark.parametrize("scope", ["none", "global", "output"])
+def test_float64_params_compute_and_keep_float64_moments_by_default(cls, scope):
+    """torch.optim.AdamW computes in the param's dtype: at lr = 1e-9, float64 params near 1.0 must move."""
+    from rotkern import FusedRotatedAdamW
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(1 + 0.01 * torch.randn(5, 6, dtype=torch.float64))
+    b = torch.nn.Parameter(1 + 0.01 * torch.randn(5, dtype=torch.float64))
+    start = [w.detach().clone(), b.detach().clone()]
+    make = RotatedAdamW if cls == "eager" else FusedRotatedAdamW
+    opt = make([("w", w), ("b", b)], lr=1e-9, rotation=scope, block_size=4, weight_decay=0.0)
+    tw, tb = (torch.nn.Parameter(t.clone()) for t in start)
+    topt = torch.optim.AdamW([tw, tb], lr=1e-9, weight_decay=0.0)
+    for k in range(3):
+        g = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        gb = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + k))
+        w.grad, b.grad, tw.grad, tb.grad = g, gb, g.clone(), gb.clone()
+        opt.step()
+        topt.step()
+    assert opt.compute_dtype == torch.float64
+    assert all(v.dtype == torch.float64 for st in opt.state.values() for k, v in st.items() if k != "step")
+    assert not torch.equal(w, start[0]) and not torch.equal(b, start[1])
+    moved = (w - start[0]).abs().max()
+    assert moved > 2e-9  # 3 steps of ~lr each; in fp32 the param could not move at all (ulp(1) = 1.2e-7)
+    if scope == "none":
+        torch.testing.assert_close(w, tw, rtol=0, atol=1e-15)
+        torch.testing.assert_close(b, tb, rtol=0, atol=1e-15)
+
+
+def test_float64_params_keep_an_explicit_fp32_compute_and_refuse_fp32_only_backends():
+    from rotkern import FusedRotatedAdamW
+
+    p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.float64))
+    assert RotatedAdamW([p], compute_dtype=torch.float32).compute_dtype == torch.float32
+    assert RotatedAdamW([torch.nn.Parameter(torch.ones(3))]).compute_dtype == torch.float32
+    with pytest.raises(ValueError, match="float64 params compute in float64 by default: pass backend='eager'"):
+        FusedRotatedAdamW([p], backend="triton")
+    FusedRotatedAdamW([p], backend="triton", compute_dtype=torch.float32)  # accepted: fp32 steps, as before
