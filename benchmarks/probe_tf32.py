@@ -45,6 +45,7 @@ import triton.language as tl  # noqa: E402
 from rotkern import FusedRotatedAdamW  # noqa: E402
 from rotkern.kernels.reference import round_to_tf32  # noqa: E402
 from rotkern.kernels.rotated_adamw_step import _round_tf32  # noqa: E402
+from rotkern.optim._base import moment  # noqa: E402
 from rotkern.rotations import haar_orthogonal  # noqa: E402
 from rotkern.trainers.common import device_name, versions  # noqa: E402
 
@@ -146,10 +147,10 @@ def probe_step(device: torch.device, scope: str, shape: tuple[int, int], n: int,
         state = {k: unit.view([opt.state[p][k].double().cpu().reshape(-1)]) for k in ("exp_avg", "exp_avg_sq")}
         if t == 1:  # exp_avg = (1 - beta1) g~ exactly: the kernel's rotation of g, in the moments' layout
             y64 = rot.rotate(unit.view([g.double().reshape(-1)]))
-            out[f"rotkern-{scope}-g~"] = bias_and_rms(state["exp_avg"] / (1 - beta1), y64)
+            out[f"rotkern-{scope}-g~"] = bias_and_rms(moment(state, "exp_avg") / (1 - beta1), y64)
     # The unrotation alone: float64 R^T on the kernel's own u (from its stored moments, its formula), so that what is
     # measured is the dot's rounding, not the sign flips the rotation's rounding causes in u.
-    u64 = state["exp_avg"] / (state["exp_avg_sq"].sqrt() / (1 - beta2**steps) ** 0.5 + eps)
+    u64 = moment(state, "exp_avg") / (moment(state, "exp_avg_sq").sqrt() / (1 - beta2**steps) ** 0.5 + eps)
     delta64 = torch.zeros_like(before)
     unit.write([delta64], -lr / (1 - beta1**steps) * rot.unrotate(u64))
     out[f"rotkern-{scope}-update"] = bias_and_rms(p.double().cpu().reshape(-1) - before, delta64)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .optim._base import RotatedOptimizerBase
+from .optim._base import RotatedOptimizerBase, has_moment, moment
 from .scopes import infer_roles, param_groups_for
 
 __all__ = [
@@ -143,14 +143,14 @@ def update_matrices(opt: RotatedOptimizerBase, params: Sequence[torch.Tensor] | 
     """
     everything = _all_params(opt)
     if params is None:
-        params = [p for p in everything if "exp_avg" in opt.state.get(p, {})]
+        params = [p for p in everything if has_moment(opt.state.get(p), "exp_avg")]
     position = {id(p): k for k, p in enumerate(everything)}
     wanted = set()
     for p in params:
         if id(p) not in position:
             raise ValueError(f"param of shape {tuple(p.shape)} is not in this optimizer")
         st = opt.state.get(p, {})
-        if "exp_avg" not in st or "exp_avg_sq" not in st:
+        if not (has_moment(st, "exp_avg") and has_moment(st, "exp_avg_sq")):
             raise ValueError(
                 f"param of shape {tuple(p.shape)} has no exp_avg/exp_avg_sq state: take an Adam step first"
             )
@@ -160,8 +160,8 @@ def update_matrices(opt: RotatedOptimizerBase, params: Sequence[torch.Tensor] | 
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):
             st = opt.state.get(p, {})
-            if "exp_avg" in st:
-                directions[offset + i] = st["exp_avg"] / (st["exp_avg_sq"].sqrt() + group["eps"])
+            if has_moment(st, "exp_avg"):
+                directions[offset + i] = moment(st, "exp_avg") / (moment(st, "exp_avg_sq").sqrt() + group["eps"])
         offset += len(group["params"])
     out = _mapped(opt, directions, False, wanted)
     return [out[position[id(p)]] for p in params]
@@ -297,7 +297,7 @@ def update_cv(
     chosen, roles = [], {}
     for g in opt.param_groups:
         for p, role in zip(g["params"], g["roles"], strict=True):
-            if p.dim() < 2 or role == "embedding" or id(p) in skip or "exp_avg" not in opt.state.get(p, {}):
+            if p.dim() < 2 or role == "embedding" or id(p) in skip or not has_moment(opt.state.get(p), "exp_avg"):
                 continue
             if include is not None and not include(names[id(p)]):
                 continue
@@ -672,9 +672,9 @@ def second_moment_stats(
     for g in opt.param_groups:
         for p in g["params"]:
             st = opt.state.get(p, {})
-            if key not in st:
+            if not has_moment(st, key):
                 continue
-            v = st[key].detach()
+            v = moment(st, key).detach()
             if bias_correction:
                 v = v / (1 - g["betas"][1] ** float(st["step"]))
             per_param[names[id(p)]] = _v_stats(v, quantiles, lo, hi, bins)

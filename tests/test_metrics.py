@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rotkern import RotatedAdamW, param_groups_for
 from rotkern import metrics as M
+from rotkern.optim._base import moment
 from rotkern.testing import tolerance
 
 from .optim._models import MLP, TinyBlock, batch_for, loss_of
@@ -53,7 +54,7 @@ def test_update_matrix_without_rotation_reads_the_state(model_cls, seed, device)
     _, opt, params = _trained(model_cls, "none", seed=seed, device=device, dtype=torch.float32)
     for p in params:
         st = opt.state[p]
-        want = st["exp_avg"] / (st["exp_avg_sq"].sqrt() + 1e-8)
+        want = moment(st, "exp_avg") / (moment(st, "exp_avg_sq").sqrt() + 1e-8)
         got = M.update_matrix(opt, p)
         assert got.shape == p.shape and got.device == p.device
         assert torch.equal(got, want)
@@ -65,8 +66,8 @@ def test_update_matrix_without_rotation_reads_the_state(model_cls, seed, device)
 def test_update_matrices_match_the_dense_oracle(scope, model_cls, block_size, seed, dtype, device):
     _, opt, params = _trained(model_cls, scope, block_size=block_size, seed=seed, device=device, dtype=dtype)
     d = opt.rotation_matrix()
-    m = _flat([opt.state[p]["exp_avg"] for p in params])
-    v = _flat([opt.state[p]["exp_avg_sq"] for p in params])
+    m = _flat([moment(opt.state[p], "exp_avg") for p in params])
+    v = _flat([moment(opt.state[p], "exp_avg_sq") for p in params])
     want = d.T @ (m / (v.sqrt() + 1e-8))
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else tolerance("ref_vs_oracle")
     tol = dict(rtol=rtol, atol=atol)
@@ -93,8 +94,8 @@ def test_update_matrices_and_grad_norm_under_the_svd_scope():
         opt.step()
     params = groups[0]["params"]
     d = opt.rotation_matrix()
-    m = _flat([opt.state[p]["exp_avg"] for p in params])
-    v = _flat([opt.state[p]["exp_avg_sq"] for p in params])
+    m = _flat([moment(opt.state[p], "exp_avg") for p in params])
+    v = _flat([moment(opt.state[p], "exp_avg_sq") for p in params])
     torch.testing.assert_close(_flat(M.update_matrices(opt)), d.T @ (m / (v.sqrt() + 1e-8)), rtol=1e-10, atol=1e-12)
     grads = [torch.randn_like(p) for p in params]
     assert M.rotated_grad_inf_norm(opt, grads) == pytest.approx((d @ _flat(grads)).abs().max().item(), rel=1e-12)
@@ -387,7 +388,7 @@ def test_second_moment_stats(device):
     _, opt, params = _trained(TinyBlock, "global", steps=3, device=device, dtype=torch.float32)
     stats = M.second_moment_stats(opt, bins=40, log10_range=(-16.0, -4.0))
     assert len(stats["edges"]) == 41 and stats["edges"][0] == -16.0
-    v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1).cpu() for p in params])
+    v = torch.cat([moment(opt.state[p], "exp_avg_sq").reshape(-1).cpu() for p in params])
     pooled = stats["pooled"]
     assert pooled["numel"] == v.numel()
     assert sum(pooled["counts"]) + pooled["below"] + pooled["above"] + pooled["zeros"] == v.numel()

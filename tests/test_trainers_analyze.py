@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rotkern import metrics as M
+from rotkern.optim._base import moment
 from rotkern.trainers.__main__ import main
 from rotkern.trainers.analyze import (
     AnalyzeConfig,
@@ -115,11 +116,11 @@ def test_torch_adamw_run_is_measured_in_the_standard_basis(runs):
     name = "transformer.h.0.attn.c_proj.weight"
     p = res["model"].get_parameter(name)
     st = opt.state[p]
-    a = st["exp_avg"] / (st["exp_avg_sq"].sqrt() + opt.param_groups[0]["eps"])
+    a = moment(st, "exp_avg") / (moment(st, "exp_avg_sq").sqrt() + opt.param_groups[0]["eps"])
     assert got["orthogonality"]["per_matrix"][name]["cv"] == pytest.approx(M.cv_singular_values(a), rel=1e-6)
     # The fused c_attn is scored as q, k, v thirds, as for the rotated runs.
     st = opt.state[res["model"].get_parameter("transformer.h.0.attn.c_attn.weight")]
-    q = (st["exp_avg"] / (st["exp_avg_sq"].sqrt() + 1e-8)).chunk(3)[0]
+    q = (moment(st, "exp_avg") / (moment(st, "exp_avg_sq").sqrt() + 1e-8)).chunk(3)[0]
     got_q = got["orthogonality"]["per_matrix"]["transformer.h.0.attn.c_attn.weight[q]"]["cv"]
     assert math.isfinite(got_q) and got_q == pytest.approx(M.cv_singular_values(q), rel=1e-6)
 

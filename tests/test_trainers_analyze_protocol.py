@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rotkern import metrics as M
+from rotkern.optim._base import moment
 from rotkern.trainers.__main__ import main
 from rotkern.trainers.analyze import AnalyzeConfig, analyze, cv_trajectory, rebuild, resumed_summary
 from rotkern.trainers.common import TrainerError
@@ -124,7 +125,7 @@ def test_trajectory_is_what_the_runs_own_steps_give(runs):
     cvs = []
     for depth in (0, 1):
         st = opt.state[model.get_parameter(f"transformer.h.{depth}.attn.c_proj.weight")]
-        cvs.append(M.cv_singular_values(st["exp_avg"] / (st["exp_avg_sq"].sqrt() + cfgs["adamw"].eps)))
+        cvs.append(M.cv_singular_values(moment(st, "exp_avg") / (moment(st, "exp_avg_sq").sqrt() + cfgs["adamw"].eps)))
     assert traj[-1]["cv_per_layer_type"]["O"] == pytest.approx(sum(cvs) / 2, rel=1e-6)
     assert [t["loss"] for t in traj] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
 

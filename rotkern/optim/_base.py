@@ -492,13 +492,14 @@ class RotatedOptimizerBase(Optimizer):
         written back by :meth:`_finish_group`.
         """
         params = plan.group["params"]
+        rotated = self.rotated_params(plan.gi)
         for i in plan.empty:
-            self._init_state(params[i], extra_keys)["step"] += 1
+            self._init_state(params[i], extra_keys, i in rotated)["step"] += 1
         if not plan.units:
             return None
         touched = set(plan.touched)
         self._refill_emptied_members(plan)
-        states = [self._init_state(p, extra_keys) if i in touched else None for i, p in enumerate(params)]
+        states = [self._init_state(p, extra_keys, i in rotated) if i in touched else None for i, p in enumerate(params)]
         run_params, run_grads = list(params), list(plan.grads)
         uniform = self._needs_uniform_dtypes(plan.backend)
         widen = _mixed_dtype_members(plan.units, params, plan.grads) if uniform else set()
@@ -598,11 +599,12 @@ class RotatedOptimizerBase(Optimizer):
                 if not st:
                     self.state[params[i]] = _zero_state_like(model, params[i])
 
-    def _init_state(self, p: torch.Tensor, extra_keys: tuple[str, ...] = ()) -> dict:
+    def _init_state(self, p: torch.Tensor, extra_keys: tuple[str, ...] = (), rotated: bool = False) -> dict:
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(p))
         for key in self._moment_keys + extra_keys:
+            key = stored_key(key, rotated)
             if key not in state:
                 if _sharded.is_dtensor(p):  # sharded like the param (what torch.distributed.checkpoint saves)
                     state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
@@ -614,8 +616,9 @@ class RotatedOptimizerBase(Optimizer):
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict (hooks, param ids, references to the live state tensors), plus rotkern's
-        metadata; params whose state lives in a rotated basis are saved under ``rotated_``-prefixed keys, with
-        a ``step`` entry that makes torch.optim refuse them at load. See :mod:`rotkern.optim._state_dict`."""
+        metadata. The saved per-param entries have the live state's keys: the moments of params whose state
+        lives in a rotated basis are kept (live and saved) as ``rotated_exp_avg``, ``rotated_exp_avg_sq``, ...,
+        which torch.optim optimizers do not find. See :mod:`rotkern.optim._state_dict`."""
         from . import _state_dict
 
         return _state_dict.pack(self)
@@ -684,6 +687,42 @@ class RotatedOptimizerBase(Optimizer):
                     out[row.unsqueeze(1), row.unsqueeze(0)] = block
             offset += sum(gn)
         return out
+
+
+# Moments of params whose state lives in a rotated basis are kept under their own names, live and saved alike
+# (rotated_exp_avg, ...): a torch.optim optimizer given such a state finds no exp_avg and fails at its first
+# step instead of applying the moments in the wrong basis. Params no rotation touches keep torch's names.
+ROTATED_PREFIX = "rotated_"
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def stored_key(key: str, rotated: bool) -> str:
+    """The state key that holds moment ``key`` (``exp_avg``, ...) of a param: prefixed where it is rotated."""
+    return ROTATED_PREFIX + key if rotated and key in MOMENT_KEYS else key
+
+
+def moment(state: Mapping, key: str) -> torch.Tensor:
+    """Moment ``key`` (``exp_avg``, ``exp_avg_sq``, ...) of a param's state, under whichever name it is kept."""
+    rotated = ROTATED_PREFIX + key
+    return state[rotated] if rotated in state else state[key]
+
+
+def has_moment(state: Mapping | None, key: str) -> bool:
+    return bool(state) and (key in state or ROTATED_PREFIX + key in state)
+
+
+def logical_keys(state: Mapping) -> dict:
+    """A param's state with its moments under their plain names (``rotated_exp_avg`` -> ``exp_avg``)."""
+    n = len(ROTATED_PREFIX)
+    return {
+        k[n:] if isinstance(k, str) and k.startswith(ROTATED_PREFIX) and k[n:] in MOMENT_KEYS else k: v
+        for k, v in state.items()
+    }
+
+
+def stored_keys(state: Mapping, rotated: bool) -> dict:
+    """The inverse of :func:`logical_keys` for a param that is (or is not) rotated."""
+    return {stored_key(k, rotated) if isinstance(k, str) else k: v for k, v in state.items()}
 
 
 def _zero_state_like(model: Mapping, p: torch.Tensor) -> dict:

@@ -1,22 +1,24 @@
-"""The rotated optimizers' checkpoint format, and its loader.
+"""The rotated optimizers' checkpoint format (format 3), and its loader.
 
 ``state_dict()`` is torch.optim's (state-dict hooks, params numbered in group order, the live state tensors
-by reference) plus two rotkern additions:
+by reference, per-param entries of tensors and Python numbers only, with the live state's keys), plus
+``"rotkern": {"format": 3, "optimizer": "rotated", "moments": [...], "rotated_prefix": "rotated_"}``.
 
-- ``"rotkern"``: ``{"format": 2, "optimizer": "rotated", "moments": [...], "rotated_prefix": "rotated_"}``.
-- The state of a param that belongs to a rotated unit (its moments live in a rotated basis) is saved under
-  ``rotated_``-prefixed keys (``rotated_step``, ``rotated_exp_avg``, ...), and its ``step`` entry holds a
-  bytes message instead of a number. A torch.optim optimizer given this state would apply the moments in the
-  wrong basis; torch's Adam-family ``load_state_dict`` converts ``step`` with ``float()``, so it fails at load
-  with this message, and no torch optimizer finds its moment keys. Bytes, not str: torch's loader rebuilds
-  every str value from a generator (dropping the text); bytes survive it and ``torch.load(weights_only=True)``.
-  Params that no rotation touches (``rotation="none"``, unrotated vectors) keep torch's keys, so a
-  ``rotation="none"`` state loads into torch.optim.AdamW and back.
+The moments of a param that belongs to a rotated unit (they live in a rotated basis) are kept, live and
+saved alike, under ``rotated_``-prefixed names (``rotated_exp_avg``, ``rotated_exp_avg_sq``, ...; ``step``
+and the dynamic scopes' basis tensors keep their names). A torch.optim optimizer given this state loads it
+and then fails at its first step (``KeyError: 'exp_avg'``) instead of applying the moments in the wrong
+basis. Params that no rotation touches (``rotation="none"``, unrotated vectors) keep torch's keys, so a
+``rotation="none"`` state loads into torch.optim.AdamW and back. Because the live and saved keys agree,
+torch.distributed.checkpoint's flattened state dicts, ZeroRedundancyOptimizer (which copies saved entries
+into the live state) and other code that treats the state as torch's carry it unchanged.
 
-``load_state_dict`` accepts formats 1 (rotkern before the prefix) and 2, and torch optimizers' state for
-params this optimizer does not rotate; :mod:`rotkern.optim.convert` moves AdamW state into and out of a
-rotated basis. Everything is checked before the optimizer changes; tensors are copied, never shared with the
-input, which is never modified.
+``load_state_dict`` also reads format 1 (plain keys for every param) and format 2 (every key of a rotated
+param prefixed, and a bytes message as its ``step``), and torch optimizers' state for params this optimizer
+does not rotate; :mod:`rotkern.optim.convert` moves AdamW state into and out of a rotated basis. A state_dict
+without the ``"rotkern"`` entry (torch.distributed.checkpoint keeps only ``state`` and ``param_groups``) is
+recognised by its groups' rotation options. Everything is checked before the optimizer changes; tensors are
+copied, never shared with the input, which is never modified.
 """
 
 from __future__ import annotations
@@ -31,23 +33,29 @@ from typing import Any
 import torch
 
 from ..bases import DynamicRotation
-from ._base import SPEC_KEYS, RotatedOptimizerBase, _freeze, _label, _zero_state_like
+from ._base import (
+    MOMENT_KEYS,
+    ROTATED_PREFIX,
+    SPEC_KEYS,
+    RotatedOptimizerBase,
+    _freeze,
+    _label,
+    _zero_state_like,
+    logical_keys,
+    stored_keys,
+)
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
-PREFIX = "rotated_"
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
+PREFIX = ROTATED_PREFIX
 # Module wrappers that prefix parameter names without changing the model: torch.compile, DDP / DataParallel,
 # FSDP1 and activation checkpointing.
 WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
-def marker(scope: str) -> bytes:
-    """The ``step`` entry of a rotated param's saved state (see the module docstring)."""
-    return (
-        f"rotkern: this optimizer state holds Adam moments in a rotated basis (rotation={scope!r}); a torch.optim "
-        "optimizer would apply them in the wrong basis. Load it into rotkern.RotatedAdamW / FusedRotatedAdamW, "
-        "or convert it: torch_opt.load_state_dict(rotkern.to_adamw_state(state_dict, torch_opt))"
-    ).encode()
+def _is_marker(value: Any) -> bool:
+    """Whether ``value`` is the bytes ``step`` entry format 2 saved for rotated params."""
+    return isinstance(value, bytes) and value.startswith(b"rotkern:")
 
 
 def rotated_scopes(opt: RotatedOptimizerBase) -> dict[int, str]:
@@ -82,11 +90,8 @@ def pack(opt: RotatedOptimizerBase, state: Mapping | None = None, hooks: bool = 
         if not isinstance(p, torch.Tensor):  # a non-param key (opt.state["note"] = 1): passed through, as torch does
             packed_state[p] = st
             continue
-        key = mapping[id(p)]
-        if id(p) in rotated and st:  # empty: "no state yet", saved as it is
-            packed_state[key] = {"step": marker(rotated[id(p)]), **{PREFIX + k: v for k, v in st.items()}}
-        else:
-            packed_state[key] = dict(st)
+        # The live entry as it is; a converter's state (plain moment names) gets the live names.
+        packed_state[mapping[id(p)]] = dict(st) if state is None else stored_keys(st, id(p) in rotated)
     sd = {
         "state": packed_state,
         "param_groups": groups,
@@ -127,7 +132,7 @@ def strip_wrappers(name: str | None) -> str | None:
 
 
 def read_format(state_dict: Mapping) -> int | None:
-    """1 or 2 for rotkern state_dicts, None for others (torch.optim's); raises for an unknown rotkern format."""
+    """1, 2 or 3 for rotkern state_dicts, None for others (torch.optim's); raises for an unknown rotkern format."""
     if not isinstance(state_dict.get("state"), Mapping) or not isinstance(state_dict.get("param_groups"), list):
         raise ValueError(
             "load_state_dict: expected a dict with 'state' (a dict) and 'param_groups' (a list): an optimizer "
@@ -135,11 +140,14 @@ def read_format(state_dict: Mapping) -> int | None:
         )
     meta = state_dict.get("rotkern")
     if meta is None:
-        # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups": a rotated
-        # param's marker still says which format the state is in.
-        for st in state_dict["state"].values() if isinstance(state_dict["state"], Mapping) else ():
-            if isinstance(st, Mapping) and isinstance(st.get("step"), bytes) and st["step"].startswith(b"rotkern:"):
-                return FORMAT
+        # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups": format 2's
+        # marker, or format 3's group options, still say whose state it is.
+        for st in state_dict["state"].values():
+            if isinstance(st, Mapping) and _is_marker(st.get("step")):
+                return 2
+        groups = state_dict["param_groups"]
+        if groups and all(isinstance(g, Mapping) and "rotation" in g and "block_size" in g for g in groups):
+            return FORMAT
         return None
     fmt = meta.get("format") if isinstance(meta, Mapping) else None
     if fmt not in READABLE_FORMATS:
@@ -190,14 +198,18 @@ def unpack(opt: RotatedOptimizerBase, state_dict: Mapping) -> tuple[defaultdict,
         if len(st) == 0:  # no state yet (a defaultdict read, opt.state[p] = {}, a flattened DCP load): as torch
             continue
         st = _decode(st, fmt, rotated.get(id(p)), label)
-        new_state[p] = _load_param_state(opt, p, st, label, svd_shapes.get(id(p), {}))
+        st = _load_param_state(opt, p, st, label, svd_shapes.get(id(p), {}))
+        new_state[p] = stored_keys(st, id(p) in rotated)
     _complete_units(opt, new_state, labels)
     return new_state, [_merge_group(g, sg) for g, sg in zip(groups, saved_groups, strict=True)]
 
 
 def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
     n = len(g["params"])
-    for key in SPEC_KEYS + ("names",):
+    # rotation="none" on both sides: no rotation options matter (a torch AdamW that loaded a rotkern state once
+    # saves its group keys along)
+    keys = ("rotation", "names") if g.get("rotation") == sg.get("rotation") == "none" else SPEC_KEYS + ("names",)
+    for key in keys:
         mine, theirs = g.get(key), sg.get(key)
         if key == "names":
             mine, theirs = g.get("names", g.get("param_names")), sg.get("names", sg.get("param_names"))
@@ -216,6 +228,11 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
             theirs = [False] * n if theirs is None else theirs
         if _freeze(mine) != _freeze(theirs):
             hint = ""
+            if key == "rotation" and sg.get(key) == "none":
+                hint = (
+                    "; its moments are in the standard basis: convert them, "
+                    "opt.load_state_dict(rotkern.from_adamw_state(opt, state_dict))"
+                )
             if key == "frozen":
                 hint = (
                     "; frozen params are left out of the others' rotations (checkpoints of older rotkern versions "
@@ -234,7 +251,7 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
 
 
 def _decode(st: Mapping, fmt: int | None, scope: str | None, label: str) -> dict:
-    """The state in memory-layout keys (step, exp_avg, ...), whatever the format it was saved in."""
+    """The state with plain moment names (step, exp_avg, ...), whatever the format it was saved in."""
     prefixed = [k for k in st if isinstance(k, str) and k.startswith(PREFIX)]
     if scope is None:
         if prefixed:
@@ -251,15 +268,15 @@ def _decode(st: Mapping, fmt: int | None, scope: str | None, label: str) -> dict
         )
     if fmt == 1:
         return dict(st)
-    if not prefixed:
+    if fmt == 2 and _is_marker(st.get("step")):  # every key prefixed, the step too
+        return {k[len(PREFIX) :]: v for k, v in st.items() if k in prefixed}
+    plain = [k for k in st if k in MOMENT_KEYS]
+    if plain or not prefixed:
         raise ValueError(
-            f"checkpoint state of {label} has no {PREFIX}* keys: it was saved unrotated, but rotation={scope!r} "
-            "rotates this param"
+            f"checkpoint state of {label} has its moments under {plain or sorted(map(str, st))}, not "
+            f"{PREFIX}*: it was saved unrotated, but rotation={scope!r} rotates this param"
         )
-    return {k[len(PREFIX) :]: v for k, v in st.items() if k in prefixed}
-
-
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+    return logical_keys(st)
 
 
 def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, label: str, want_svd: dict) -> dict:
@@ -288,7 +305,7 @@ def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, labe
             raise ValueError(f"checkpoint state '{key}' of {label} has dtype {val.dtype}; expected floating point")
         # Moments in this optimizer's state dtype (a bf16-moment checkpoint loads into fp32 moments exactly, an fp32
         # one into bf16 moments rounded to nearest); bases in the compute dtype.
-        dtype = opt.state_dtype if key in _MOMENT_KEYS else opt.compute_dtype
+        dtype = opt.state_dtype if key in MOMENT_KEYS else opt.compute_dtype
         new[key] = val.detach().to(device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     return new
 

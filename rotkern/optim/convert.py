@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from ..bases import DynamicRotation
 from ..scopes import Unit, build_units
 from . import _state_dict
-from ._base import RotatedOptimizerBase, _label
+from ._base import RotatedOptimizerBase, _label, logical_keys
 
 __all__ = ["from_adamw_state", "to_adamw_state"]
 
@@ -186,7 +186,7 @@ class _RotatedView:
                 raise TypeError(f"to_adamw_state: {type(source).__name__} keeps no Adam moments")
             live = [p for g in source.param_groups for p in g["params"]]
             units = [source.units(gi) for gi in range(len(source.param_groups))]
-            states = [dict(source.state[p]) if source.state.get(p) else None for p in live]
+            states = [logical_keys(source.state[p]) if source.state.get(p) else None for p in live]
             return cls(source.param_groups, units, states, live)
         if not isinstance(source, Mapping):
             raise TypeError(

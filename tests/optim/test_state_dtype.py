@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from rotkern import FusedRotatedAdamW, RotatedAdamW
+from rotkern.optim._base import moment
 
 from ._backends import CPU_BACKENDS
 
-MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MOMENTS = tuple(p + k for p in ("", "rotated_") for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 
 
 def _model(seed=0):
@@ -71,13 +72,15 @@ def test_bf16_moment_checkpoints_load_both_ways_and_copies_keep_the_dtype():
     full = _opt(_model(), "eager")  # fp32 moments: the bf16 values load exactly
     full.load_state_dict(sd)
     for a, b in zip(full.state.values(), opt.state.values(), strict=True):
-        assert a["exp_avg"].dtype == torch.float32 and torch.equal(a["exp_avg"], b["exp_avg"].float())
+        m_a, m_b = moment(a, "exp_avg"), moment(b, "exp_avg")
+        assert m_a.dtype == torch.float32 and torch.equal(m_a, m_b.float())
     _grads(model, 3)
     full.step()
     back = _opt(_model(), "eager", state_dtype=torch.bfloat16)  # fp32 moments load rounded to nearest
     back.load_state_dict(full.state_dict())
     for a, b in zip(back.state.values(), full.state.values(), strict=True):
-        assert a["exp_avg_sq"].dtype == torch.bfloat16 and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"].bfloat16())
+        v_a, v_b = moment(a, "exp_avg_sq"), moment(b, "exp_avg_sq")
+        assert v_a.dtype == torch.bfloat16 and torch.equal(v_a, v_b.bfloat16())
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert clone.state_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="state_dtype must be None .* or torch.bfloat16, got torch.float16"):
@@ -105,7 +108,7 @@ def test_bf16_moments_are_lossy_and_how_much():
         with torch.no_grad():
             losses[dtype] = float((model(x) - y).square().mean())
         params[dtype] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        nbytes[dtype] = sum(st[k].nbytes for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+        nbytes[dtype] = sum(moment(st, k).nbytes for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
     rel = (params[torch.bfloat16] - params[None]).norm() / params[None].norm()
     print(f"loss fp32 moments {losses[None]:.5f}, bf16 moments {losses[torch.bfloat16]:.5f}; param rel diff {rel:.2e}")
     assert nbytes[torch.bfloat16] * 2 == nbytes[None]
