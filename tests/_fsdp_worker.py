@@ -169,12 +169,109 @@ def job_load(spec: str, ckpt: str, k: int, backend: str) -> dict:
     return {"error": None, "params": full_params(model)}
 
 
+def _detached(tree):
+    """A deep copy of a state dict whose tensors no longer alias the live state (DTensors kept as DTensors)."""
+    return copy.deepcopy(tree)
+
+
+def job_ecosystem(specs: list[str], ckpt: str, k: int, backend: str) -> dict:
+    """Per scope, the round trips torchtitan-style code does, each resumed at step K and compared with the
+    straight run: get/set_optimizer_state_dict with and without flatten_optimizer_state_dict, and
+    torch.distributed.checkpoint save/load of the flattened dicts."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    data = batches(STEPS)
+    out = {}
+    for spec in specs:
+        model, opt, _, _ = build(spec, backend)
+        train(model, opt, data[:k])
+        saved = {}
+        for flat in (False, True):
+            options = StateDictOptions(flatten_optimizer_state_dict=flat)
+            osd = get_optimizer_state_dict(model, opt, options=options)
+            saved[flat] = (_detached(get_model_state_dict(model)), _detached(osd))
+        path = f"{ckpt}/{spec.replace(':', '_')}"
+        dcp.save({"model": saved[True][0], "optim": saved[True][1]}, checkpoint_id=path)
+        train(model, opt, data[k:])
+        res = {"straight": full_params(model)}
+        for how in ("memory", "memory-flat", "dcp-flat"):
+            flat = how != "memory"
+            options = StateDictOptions(flatten_optimizer_state_dict=flat)
+            again, opt2, _, _ = build(spec, backend)
+            if how == "dcp-flat":
+                osd = get_optimizer_state_dict(again, opt2, options=options)
+                state = {"model": get_model_state_dict(again), "optim": osd}
+                dcp.load(state, checkpoint_id=path)
+                msd, osd = state["model"], state["optim"]
+            else:
+                msd, osd = saved[flat]
+            set_model_state_dict(again, msd)
+            set_optimizer_state_dict(again, opt2, osd, options=options)
+            train(again, opt2, data[k:])
+            res[how] = full_params(again)
+        out[spec] = res
+    return out
+
+
+def job_zero(specs: list[str], k: int, backend: str) -> dict:
+    """ZeroRedundancyOptimizer over a rotated optimizer: consolidate, save, load into a fresh one, step on."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    data = batches(STEPS)
+    out = {}
+    for spec in specs:
+        opts = scope_options(spec)
+        cls = FusedRotatedAdamW if backend != "eager" else RotatedAdamW
+        extra = {"backend": backend} if backend != "eager" else {}
+
+        def fresh(cls=cls, opts=opts, extra=extra):
+            torch.manual_seed(0)
+            model = TinyBlock(vocab=11, dim=8)
+            zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **KW, **opts, **extra)
+            return model, zero
+
+        def run(model, zero, chunk):
+            for b in chunk:
+                zero.zero_grad()
+                loss_of(model, b).backward()
+                for p in model.parameters():  # data-parallel: every rank has the same batch, so the mean is it
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+                zero.step()
+
+        model, zero = fresh()
+        run(model, zero, data[:k])
+        at_k = [p.detach().clone() for p in model.parameters()]
+        zero.consolidate_state_dict(to=0)
+        sd = [copy.deepcopy(zero.state_dict()) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(sd, src=0)  # every rank loads the whole state, keeping its own partition
+        run(model, zero, data[k:])
+        again, zero2 = fresh()
+        with torch.no_grad():
+            for p, q in zip(at_k, again.parameters(), strict=True):
+                q.copy_(p)
+        zero2.load_state_dict(sd[0])
+        run(again, zero2, data[k:])
+        out[spec] = {"straight": full_params(model), "resumed": full_params(again)}
+    return out
+
+
 def main() -> None:
     job, out_path, *rest = sys.argv[1:]
     backend = os.environ.get("ROTKERN_TEST_BACKEND", "eager")
     dist.init_process_group("gloo")
     try:
-        if job == "match":
+        if job == "ecosystem":
+            result = job_ecosystem(rest[0].split(","), rest[1], int(rest[2]), backend)
+        elif job == "zero":
+            result = job_zero(rest[0].split(","), int(rest[1]), backend)
+        elif job == "match":
             result = job_match(rest[0].split(","), backend)
         elif job == "resume":
             result = job_resume(rest[0], rest[1], int(rest[2]), backend)

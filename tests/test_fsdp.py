@@ -122,3 +122,15 @@ def test_unsupported_layouts_are_refused_before_any_change():
             RotatedAdamW([{"params": [row], "shard_mode": "nope"}], rotation="layer")
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_ecosystem_checkpoint_round_trips_resume_bit_identically(world, tmp_path):
+    """torchtitan's path: get/set_optimizer_state_dict with and without flatten_optimizer_state_dict=True, and
+    torch.distributed.checkpoint save/load of the flattened dicts, each resumed at step 10 of 20."""
+    scopes = "none,global,layer,output,svd" if world == 2 else "none,global,output"
+    res = launch(world, tmp_path / "e.pt", "ecosystem", scopes, str(tmp_path / "ckpt"), "10")
+    assert set(res) == set(scopes.split(","))
+    for spec, r in res.items():
+        for how in ("memory", "memory-flat", "dcp-flat"):
+            assert max_diff(r[how], r["straight"]) == 0.0, (spec, how)
