@@ -25,8 +25,8 @@ import report
 import torch
 
 from rotkern import SCOPES, FusedRotatedAdamW, RotatedAdamW
-from rotkern.optim._base import has_moment
 from rotkern._backend import ext_available, interpret_mode
+from rotkern.optim._base import has_moment
 from rotkern.trainers.models import GPTConfig
 
 BLOCK = bench_step.DRY.block_size
