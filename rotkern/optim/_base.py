@@ -66,6 +66,8 @@ UNIT_KEYS = (
 # compared only for rotation="svd" groups (checkpoints older than the svd scope lack it), and max_precond_dim
 # only for rotation="eigen" groups.
 SPEC_KEYS = UNIT_KEYS + ("svd_every",)
+# Group keys with one entry per param of the group.
+PER_PARAM_KEYS = ("shapes", "names", "roles", "frozen", "decay_mask", "param_names")
 # Options of the dynamic scopes, checked for every group that has them.
 DYNAMIC_KEYS = ("svd_every", "precondition_every", "shampoo_beta", "max_precond_dim", "basis_change")
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -133,6 +135,7 @@ class RotatedOptimizerBase(Optimizer):
         self._unit_cache: dict[int, tuple[tuple, tuple, list[Unit]]] = {}
         self._shard_unit_cache: dict[int, tuple] = {}
         self._group_members: dict[int, list] = {}  # each group's params when its units were built
+        self._group_lists: dict[int, dict[str, Any]] = {}  # each group's per-param lists then (see _reclaim_lists)
         super().__init__(_normalise_params(params), defaults)
 
     # -- copies ---------------------------------------------------------------------------------------
@@ -150,6 +153,7 @@ class RotatedOptimizerBase(Optimizer):
         self._unit_cache = {}
         self._shard_unit_cache = {}
         self._group_members = {}
+        self._group_lists = {}
         for group in self.param_groups:
             group.setdefault("frozen", [False] * len(group["params"]))
             for p in group["params"]:
@@ -308,6 +312,30 @@ class RotatedOptimizerBase(Optimizer):
                 unit.rotation.bind(self.state, group["params"][unit.params[0]])
         self._unit_cache[gi] = (quick, spec, units)
         self._group_members[gi] = list(group["params"])
+        self._group_lists[gi] = {k: group[k] for k in PER_PARAM_KEYS if k in group}
+
+    def _reclaim_lists(self, gi: int, group: dict[str, Any]) -> None:
+        """Put back this group's per-param lists when another group's replaced them.
+
+        ZeroRedundancyOptimizer treats every group key as a hyperparameter shared by all ranks: its
+        ``load_state_dict`` copies the checkpoint's group keys (rank 0's local optimizer's lists, as its
+        ``state_dict`` saved them) into each rank's local optimizer, whose params are another subset. The lists
+        recorded when this group's units were built describe its params; ``shapes`` is never set by a user, so
+        a replaced ``shapes`` list means the lists came from elsewhere, and all of them are put back. (This
+        optimizer's own ``load_state_dict`` records the lists it loads.) A param whose shape really changed is
+        still refused: the recorded shapes are the ones it had when the optimizer first saw it."""
+        own = self._group_lists.get(gi)
+        if own is None or group.get("shapes") is own.get("shapes"):
+            return
+        if self._group_members.get(gi) is None or len(self._group_members[gi]) != len(group["params"]):
+            return  # a changed param list: _resync_members follows it
+        if any(a is not b for a, b in zip(self._group_members[gi], group["params"], strict=True)):
+            return
+        for key in PER_PARAM_KEYS:
+            if key in own:
+                group[key] = own[key]
+            else:
+                group.pop(key, None)
 
     def _resync_members(self, gi: int, group: dict[str, Any]) -> None:
         """Follow a param list changed in place (append, delete, replace, as continual-learning code does to
@@ -315,6 +343,7 @@ class RotatedOptimizerBase(Optimizer):
         names, frozen, decay mask, param_names) follow their params; a new param gets a role from its shape,
         no name and the group's weight decay; removed params' state is dropped. Refused, before anything
         changes, when a unit with state would change members (its moments live in a basis of the old ones)."""
+        self._reclaim_lists(gi, group)
         params = group["params"]
         known = self._group_members.get(gi)
         if known is None:  # a copy or a fresh unpickle: the recorded shapes tell whether the list is the same
@@ -368,6 +397,7 @@ class RotatedOptimizerBase(Optimizer):
     def units(self, group_index: int) -> list[Unit]:
         """The rotation units of a param group (cached; rebuilt only if its rotation options change)."""
         group = self.param_groups[group_index]
+        self._reclaim_lists(group_index, group)
         values = [group.get(k) for k in UNIT_KEYS]
         # Fast path by the identity of list-valued keys (this runs every step); when a list was replaced
         # (load_state_dict does that), fall back to comparing contents.
@@ -643,6 +673,9 @@ class RotatedOptimizerBase(Optimizer):
         self.state.clear()
         self.state.update(state)
         self.param_groups[:] = groups
+        for gi, group in enumerate(groups):  # the checkpoint's lists are this group's now (see _reclaim_lists)
+            if gi in self._group_lists:
+                self._group_lists[gi] = {k: group[k] for k in PER_PARAM_KEYS if k in group}
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -702,7 +735,10 @@ def stored_key(key: str, rotated: bool) -> str:
 
 
 def moment(state: Mapping, key: str) -> torch.Tensor:
-    """Moment ``key`` (``exp_avg``, ``exp_avg_sq``, ...) of a param's state, under whichever name it is kept."""
+    """Moment ``key`` (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``) of one param's
+    state (``opt.state[p]`` or a saved per-param entry), under whichever name it is kept: ``rotated_<key>``
+    for a param whose moments live in a rotated basis (a tensor of the param's shape in the rotated layout),
+    ``key`` otherwise. Raises KeyError when the state has neither (no step taken yet)."""
     rotated = ROTATED_PREFIX + key
     return state[rotated] if rotated in state else state[key]
 

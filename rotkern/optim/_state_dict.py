@@ -72,6 +72,8 @@ def pack(opt: RotatedOptimizerBase, state: Mapping | None = None, hooks: bool = 
     if hooks:
         for hook in opt._optimizer_state_dict_pre_hooks.values():
             hook(opt)
+    for gi, group in enumerate(opt.param_groups):  # lists a ZeroRedundancyOptimizer copied in are put back
+        opt._reclaim_lists(gi, group)
     mapping: dict[int, int] = {}
     groups, start = [], 0
     for group in opt.param_groups:

@@ -247,3 +247,39 @@ def test_float64_params_keep_an_explicit_fp32_compute_and_refuse_fp32_only_backe
     with pytest.raises(ValueError, match="float64 params compute in float64 by default: pass backend='eager'"):
         FusedRotatedAdamW([p], backend="triton")
     FusedRotatedAdamW([p], backend="triton", compute_dtype=torch.float32)  # accepted: fp32 steps, as before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["none", "global", "layer", "output"])
+def test_another_group_s_per_param_lists_copied_in_are_put_back(scope, backend):
+    """ZeroRedundancyOptimizer's load_state_dict copies every group key of rank 0's local optimizer (per-param
+    shapes, names, roles, ... included) into each rank's local optimizer, whose params are another subset: the
+    optimizer keeps its own lists and trains as its untouched twin does."""
+    named = list(_net().named_parameters())
+    half = len(named) // 2
+    models = [_net(), _net()]
+    ranks = [
+        [_make(backend, [(n, p) for n, p in list(m.named_parameters())[lo:hi]], rotation=scope) for m in models]
+        for lo, hi in ((0, half), (half, len(named)))
+    ]
+    batches = _batches(4)
+    for b in batches[:2]:
+        for m, (opt0, opt1) in zip(models, zip(*ranks, strict=True), strict=True):
+            opt0.zero_grad()
+            opt1.zero_grad()
+            m(*b).backward()
+            opt0.step()
+            opt1.step()
+    rank0, rank1 = ranks[0][0], ranks[1][0]  # model 0's two "ranks"; model 1's are the untouched twins
+    for src, dst in zip(rank0.param_groups, rank1.param_groups, strict=True):
+        dst.update({k: v for k, v in src.items() if k != "params"})  # what ZeRO's _sync_param_groups does
+    for b in batches[2:]:
+        for m, (opt0, opt1) in zip(models, zip(*ranks, strict=True), strict=True):
+            opt0.zero_grad()
+            opt1.zero_grad()
+            m(*b).backward()
+            opt0.step()
+            opt1.step()
+    _assert_models_equal(models[0], models[1])
+    assert rank1.param_groups[0]["shapes"] == [list(p.shape) for _, p in named[half:]]
+    assert rank1.state_dict()["param_groups"][0]["shapes"] == [list(p.shape) for _, p in named[half:]]
