@@ -325,6 +325,11 @@ class RotatedAdamW(RotatedOptimizerBase):
             self._finish_group(plan)
         return loss
 
+    # Under torch.compile(opt.step) the reference runs outside the graph: it reads each unit's step count and
+    # builds rotations on the host (a graph break per unit), and Dynamo's automatic dynamic shapes over those
+    # many small frames fail in torch's guard code ("sources must not be empty") once two optimizers compile
+    # their own steps. The fused backends override this with one op that compiles without a break.
+    @torch._disable_dynamo
     def _rotated_adamw(
         self, plan: GroupStep, *args, lr: float | torch.Tensor, beta1: float | torch.Tensor,
         beta2: float | torch.Tensor, **kwargs,

@@ -182,3 +182,42 @@ def test_dynamic_scopes_compile_with_a_break_and_match_eager(backend, scope):
         torch.testing.assert_close(w, ref_w, rtol=0, atol=0 if backend == "triton" else 1e-7)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scope", ["none", "global", "output"])
+def test_two_optimizers_each_compiling_its_own_step_match_eager(backend, scope):
+    """The GAN pattern: a generator's and a discriminator's optimizer, each stepped through its own
+    torch.compile(opt.step), on a fresh Dynamo state; both equal their uncompiled twins bit for bit."""
+    cls = RotatedAdamW if backend == "eager" else FusedRotatedAdamW
+    extra = {} if backend == "eager" else {"backend": backend}
+
+    def nets():
+        torch.manual_seed(0)
+        return (
+            torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)),
+            torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)),
+        )
+
+    def opts(gen, disc):
+        kw = dict(lr=1e-2, rotation=scope, block_size=4, **extra)
+        return cls(gen.named_parameters(), **kw), cls(disc.named_parameters(), **kw)
+
+    (g, d), (g_ref, d_ref) = nets(), nets()
+    (og, od), (og_ref, od_ref) = opts(g, d), opts(g_ref, d_ref)
+    torch._dynamo.reset()
+    try:
+        steps = (torch.compile(og.step), torch.compile(od.step))
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(8, 6, generator=gen)
+            for (gg, dd, opt_g, opt_d), compiled in (((g, d, og, od), True), ((g_ref, d_ref, og_ref, od_ref), False)):
+                opt_g.zero_grad()
+                opt_d.zero_grad()
+                dd(gg(x)).sum().backward()
+                for opt, step in zip((opt_g, opt_d), steps, strict=True):
+                    step() if compiled else opt.step()
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip([*g.parameters(), *d.parameters()], [*g_ref.parameters(), *d_ref.parameters()], strict=True):
+        assert torch.equal(a, b)
