@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,10 +215,15 @@ class RotatedOptimizerBase(Optimizer):
         names = group.get("names")
         for i, p in enumerate(params):
             if p.is_complex():
-                raise ValueError(
-                    f"{_label(names, gi, i)}: complex parameters are not supported; optimise torch.view_as_real(p) "
-                    "instead"
-                )
+                # A complex element is two real coordinates (torch.optim steps torch.view_as_real(p)).
+                if self.state_dtype == torch.bfloat16:
+                    raise ValueError(
+                        f"{_label(names, gi, i)}: complex params keep complex moments; state_dtype=torch.bfloat16 has "
+                        "no complex counterpart (put them in another optimizer, or leave state_dtype=None)"
+                    )
+                if _sharded.is_dtensor(p):
+                    raise ValueError(f"{_label(names, gi, i)}: complex DTensor params are not supported")
+                continue
             if not p.is_floating_point():
                 raise ValueError(f"{_label(names, gi, i)}: dtype {p.dtype} is not a floating-point dtype")
         if group["rotation"] not in ALL_SCOPES:
@@ -286,7 +291,7 @@ class RotatedOptimizerBase(Optimizer):
 
     def _build_units(self, gi: int, group: dict[str, Any]) -> list[Unit]:
         units = build_units(
-            [torch.Size(s) for s in group["shapes"]],
+            [real_shape(s, p.is_complex()) for s, p in zip(group["shapes"], group["params"], strict=True)],
             group["rotation"],
             block_size=group["block_size"],
             seed=group["seed"],
@@ -530,15 +535,25 @@ class RotatedOptimizerBase(Optimizer):
         touched = set(plan.touched)
         self._refill_emptied_members(plan)
         states = [self._init_state(p, extra_keys, i in rotated) if i in touched else None for i, p in enumerate(params)]
-        run_params, run_grads = list(params), list(plan.grads)
+        # Complex params and grads step as their real coordinates (views of their storage; a non-contiguous
+        # complex param is staged first and written back last, after any staging of its real view below).
+        run_params, run_grads = list(params), [as_real(g) for g in plan.grads]
+        complex_writeback = []
+        for i in plan.touched:
+            if params[i].is_complex():
+                src = params[i].detach()
+                if not src.is_contiguous():
+                    src = src.contiguous()
+                    complex_writeback.append((params[i], src, None))
+                run_params[i] = as_real(src)
         uniform = self._needs_uniform_dtypes(plan.backend)
-        widen = _mixed_dtype_members(plan.units, params, plan.grads) if uniform else set()
+        widen = _mixed_dtype_members(plan.units, run_params, run_grads) if uniform else set()
         absent = set(plan.absent)
         writeback = []
         # Stochastic rounding: the step runs on an fp32 copy, rounded into the param afterwards (_finish_group).
         sr = plan.group.get("stochastic_rounding", False)
         for i in plan.touched:
-            p, g = params[i], plan.grads[i]
+            p, g = run_params[i], run_grads[i]
             rounded = sr and p.dtype in (torch.bfloat16, torch.float16) and i not in absent
             if rounded:
                 widen = widen | {i}
@@ -563,7 +578,7 @@ class RotatedOptimizerBase(Optimizer):
             if scale is not None:  # GradScaler's scaled grads: unscaled copies, as torch's fused AdamW (fp32 division)
                 # kept in fp32, not rounded back to a bf16 grad's dtype: what the fused kernels compute
                 run_grads[i] = run_grads[i].float() / scale.to(g.device)
-        plan.extra["writeback"] = writeback
+        plan.extra["writeback"] = writeback + complex_writeback
         return run_params, run_grads, states
 
     @staticmethod
@@ -582,7 +597,8 @@ class RotatedOptimizerBase(Optimizer):
             g = p.grad
             # One cheap combined test per param; the messages are built only on failure.
             if p.shape != tuple(shape) or (
-                g is not None and (g.is_sparse or g.shape != p.shape or g.device != p.device or g.is_complex())
+                g is not None
+                and (g.is_sparse or g.shape != p.shape or g.device != p.device or g.is_complex() != p.is_complex())
             ):
                 self._raise_bad_param(gi, group, i)
             grads.append(g)
@@ -604,8 +620,8 @@ class RotatedOptimizerBase(Optimizer):
             )
         if g.shape != p.shape:
             raise ValueError(f"{label}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
-        if g.is_complex():
-            raise ValueError(f"{label}: grad has complex dtype {g.dtype}; the param is {p.dtype}")
+        if g.is_complex() != p.is_complex():
+            raise ValueError(f"{label}: grad has dtype {g.dtype}; the param is {p.dtype}")
         raise ValueError(f"{label}: grad is on {g.device} but the param is on {p.device}")
 
     def _step_device(self, p: torch.Tensor) -> torch.device:
@@ -636,10 +652,11 @@ class RotatedOptimizerBase(Optimizer):
         for key in self._moment_keys + extra_keys:
             key = stored_key(key, rotated)
             if key not in state:
+                dtype = moment_dtype(self.state_dtype, p)
                 if _sharded.is_dtensor(p):  # sharded like the param (what torch.distributed.checkpoint saves)
-                    state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
+                    state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                 else:
-                    state[key] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
+                    state[key] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         return state
 
     # -- state_dict -----------------------------------------------------------------------------------
@@ -700,14 +717,14 @@ class RotatedOptimizerBase(Optimizer):
         (``kron(L^T, R^T)`` on the matrix's row-major entries), which change every ``svd_every`` /
         ``precondition_every`` steps, and the identity before their first step.
         """
-        numels = [p.numel() for g in self.param_groups for p in g["params"]]
+        numels = [_real_numel(p) for g in self.param_groups for p in g["params"]]
         d = sum(numels)
         if d > 4096:
             raise ValueError(f"rotation_matrix(): d={d} > 4096; the dense oracle is for small models only")
         out = torch.zeros(d, d, dtype=dtype)
         offset = 0
         for gi, g in enumerate(self.param_groups):
-            gn = [p.numel() for p in g["params"]]
+            gn = [_real_numel(p) for p in g["params"]]
             for unit in self.units(gi):
                 idx = unit_index_map(unit, gn) + offset
                 if isinstance(unit.rotation, DynamicRotation):
@@ -761,6 +778,34 @@ def stored_keys(state: Mapping, rotated: bool) -> dict:
     return {stored_key(k, rotated) if isinstance(k, str) else k: v for k, v in state.items()}
 
 
+def as_real(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A complex tensor's real coordinates as a view of its storage, real and imaginary parts interleaved along
+    the last dim: shape ``(*s, n)`` -> ``(*s, 2n)``, ``()`` -> ``(2,)``. Needs a contiguous last dim (a view,
+    never a copy: writes reach ``t``). Real tensors and None are returned as they are."""
+    if t is None or not t.is_complex():
+        return t
+    r = torch.view_as_real(t)
+    return r if t.dim() == 0 else r.view(*t.shape[:-1], 2 * t.shape[-1])
+
+
+def real_shape(shape: Sequence[int], is_complex: bool) -> torch.Size:
+    """The shape :func:`as_real` gives a tensor of ``shape``: the layout units are built on."""
+    shape = tuple(shape)
+    if not is_complex:
+        return torch.Size(shape)
+    return torch.Size((2,) if not shape else (*shape[:-1], 2 * shape[-1]))
+
+
+def moment_dtype(real: torch.dtype, p: torch.Tensor) -> torch.dtype:
+    """The dtype of ``p``'s moments given the real dtype they are kept in: its complex counterpart for a
+    complex param (as torch.optim.AdamW keeps them), ``real`` otherwise."""
+    return real.to_complex() if p.is_complex() else real
+
+
+def _real_numel(p: torch.Tensor) -> int:
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
 def _zero_state_like(model: Mapping, p: torch.Tensor) -> dict:
     """Zero moments for ``p`` with ``model``'s keys, dtypes and step (a member of ``model``'s unit)."""
     out = {}
@@ -768,7 +813,7 @@ def _zero_state_like(model: Mapping, p: torch.Tensor) -> dict:
         if key == "step":
             out[key] = val.clone()
         elif torch.is_tensor(val) and val.dim() > 0:
-            out[key] = torch.zeros(p.shape, dtype=val.dtype, device=p.device)
+            out[key] = torch.zeros(p.shape, dtype=moment_dtype(val.dtype.to_real(), p), device=p.device)
         else:
             out[key] = copy.deepcopy(val)
     return out
@@ -797,8 +842,8 @@ def _absent_grad_dtype(plan: GroupStep, i: int, widen: set[int]) -> torch.dtype:
         if i in unit.params:
             for j in unit.params:
                 if plan.grads[j] is not None:
-                    return plan.grads[j].dtype
-    return plan.group["params"][i].dtype
+                    return plan.grads[j].dtype.to_real()
+    return plan.group["params"][i].dtype.to_real()
 
 
 def _warn_roles_guessed(gi: int, group: dict) -> None:

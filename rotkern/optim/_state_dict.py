@@ -42,6 +42,7 @@ from ._base import (
     _label,
     _zero_state_like,
     logical_keys,
+    moment_dtype,
     stored_keys,
 )
 
@@ -308,6 +309,13 @@ def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, labe
         # Moments in this optimizer's state dtype (a bf16-moment checkpoint loads into fp32 moments exactly, an fp32
         # one into bf16 moments rounded to nearest); bases in the compute dtype.
         dtype = opt.state_dtype if key in MOMENT_KEYS else opt.compute_dtype
+        if key in MOMENT_KEYS:
+            if val.is_complex() != p.is_complex():
+                raise ValueError(
+                    f"checkpoint state '{key}' of {label} has dtype {val.dtype}; the param is {p.dtype} (a complex "
+                    "param keeps complex moments)"
+                )
+            dtype = moment_dtype(dtype, p)
         new[key] = val.detach().to(device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     return new
 

@@ -62,6 +62,9 @@ def from_adamw_state(optimizer: RotatedOptimizerBase, source: Optimizer | Mappin
     if not isinstance(optimizer, RotatedOptimizerBase) or "exp_avg" not in optimizer._moment_keys:
         raise TypeError(f"from_adamw_state: the target must be a rotkern RotatedAdamW, got {type(optimizer).__name__}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    for k, p in enumerate(params):
+        if p.is_complex():
+            _refuse_complex(f"param {k} of the target")
     std = _standard_states(params, source)
     new_state: dict = {}
     offset = 0
@@ -178,6 +181,9 @@ class _RotatedView:
 
     def __init__(self, groups: list[dict], units: list[list[Unit]], states: list[dict | None], live) -> None:
         self.groups, self.units, self.states, self.live = groups, units, states, live
+        for k, st in enumerate(states):
+            if st and any(torch.is_tensor(v) and v.is_complex() for v in st.values()):
+                _refuse_complex(f"param {k} of the source")
 
     @classmethod
     def of(cls, source: RotatedOptimizerBase | Mapping) -> _RotatedView:
@@ -311,6 +317,13 @@ def _adam_state(st: Mapping | None, label: str) -> dict | None:
         if key in st:
             out[key] = st[key]
     return out
+
+
+def _refuse_complex(what: str) -> None:
+    raise ValueError(
+        f"{what} is complex; the AdamW <-> rotated converters handle real params only (the optimizers step complex "
+        "params as their real coordinates, but a checkpoint does not record which params were complex)"
+    )
 
 
 def _flats(params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 from ..bases import DynamicRotation, EigenRotation
 from ..kernels.reference import rotated_adamw_ref
-from ._base import GroupStep, RotatedOptimizerBase, _label, _normalise_params, check_hyper, moment
+from ._base import GroupStep, RotatedOptimizerBase, _label, _normalise_params, as_real, check_hyper, moment
 
 __all__ = ["RotatedAdamW"]
 
@@ -292,7 +292,7 @@ class RotatedAdamW(RotatedOptimizerBase):
                 )
             step_fn = self._sharded_adamw if plan.extra.get("sharded") else self._rotated_adamw
             keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-            stored = [[s and moment(s, k) for s in states] for k in keys]
+            stored = [[s and as_real(moment(s, k)) for s in states] for k in keys]
             # state_dtype=bf16: the step runs on compute-dtype copies, rounded back to the stored dtype after it.
             moments = stored if self.state_dtype == self.compute_dtype else [
                 [t if t is None else t.to(self.compute_dtype) for t in ts] for ts in stored
@@ -371,6 +371,6 @@ def _has_float64(groups: list) -> bool:
         params = [params] if isinstance(params, torch.Tensor) else params
         for p in params:
             t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            if isinstance(t, torch.Tensor) and t.dtype in (torch.float64, torch.complex128):
                 return True
     return False

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..kernels.reference import rotated_sgdm_ref
-from ._base import RotatedOptimizerBase, check_hyper, moment
+from ._base import RotatedOptimizerBase, as_real, check_hyper, moment
 
 __all__ = ["RotatedSGD"]
 
@@ -85,7 +85,7 @@ class RotatedSGD(RotatedOptimizerBase):
             rotated_sgdm_ref(
                 params,
                 grads,
-                [s and moment(s, "momentum_buffer") for s in states],
+                [s and as_real(moment(s, "momentum_buffer")) for s in states],
                 [s and s["step"] for s in states],
                 plan.units,
                 lr=float(group["lr"]),
