@@ -128,6 +128,13 @@ class RotatedAdamW(RotatedOptimizerBase):
         compute_dtype: torch.dtype | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
+        # Hyperparameters first, as torch.optim.AdamW checks them (its messages) before it looks at the params.
+        _check_tensor_hypers(lr, betas, foreach=foreach, capturable=capturable)
+        check_hyper("learning rate", lr, tensor_name="lr")
+        check_hyper("epsilon value", eps)
+        check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, tensor_name="betas[0]")
+        check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, tensor_name="betas[1]")
+        check_hyper("weight_decay value", weight_decay)
         params = _normalise_params(params)
         if compute_dtype is None:
             compute_dtype = torch.float64 if _has_float64(params) else torch.float32
@@ -136,11 +143,6 @@ class RotatedAdamW(RotatedOptimizerBase):
                 f"state_dtype must be None (the compute dtype, {compute_dtype}) or torch.bfloat16, got {state_dtype}"
             )
         self.state_dtype = compute_dtype if state_dtype is None else state_dtype
-        check_hyper("learning rate", lr, tensor_name="lr")
-        check_hyper("epsilon value", eps)
-        check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, tensor_name="betas[0]")
-        check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, tensor_name="betas[1]")
-        check_hyper("weight_decay value", weight_decay)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -177,8 +179,9 @@ class RotatedAdamW(RotatedOptimizerBase):
         check_hyper("learning rate", group["lr"], where=where, tensor_name="lr")
         check_hyper("epsilon value", group["eps"], where=where)
         betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_tensor_hypers(
+            group["lr"], betas, foreach=group.get("foreach"), capturable=group.get("capturable", False), where=where
+        )
         check_hyper("beta parameter at index 0", betas[0], 0.0, 1.0, where=where, tensor_name="betas[0]")
         check_hyper("beta parameter at index 1", betas[1], 0.0, 1.0, where=where, tensor_name="betas[1]")
         check_hyper("weight_decay value", group["weight_decay"], where=where)
@@ -362,6 +365,20 @@ def _capturing() -> bool:
 
 def _scalar(x: float | torch.Tensor) -> float:
     return x.item() if torch.is_tensor(x) else float(x)
+
+
+def _check_tensor_hypers(lr: Any, betas: Any, *, foreach: bool | None, capturable: bool, where: str = "") -> None:
+    """torch.optim.AdamW's refusals of tensor hyperparameters, in its words: a script that torch refuses is
+    refused here too (foreach=True is only kept for compatibility, but a drop-in refuses what AdamW refuses)."""
+    if torch.is_tensor(lr) and foreach and not capturable:
+        raise ValueError(f"{where}lr as a Tensor is not supported for capturable=False and foreach=True")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+    if torch.is_tensor(betas[0]) != torch.is_tensor(betas[1]):
+        raise ValueError(f"{where}betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if torch.is_tensor(beta) and foreach and not capturable:
+            raise ValueError(f"{where}betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
 
 
 def _has_float64(groups: list) -> bool:
