@@ -128,7 +128,7 @@ def test_unsupported_layouts_are_refused_before_any_change():
 def test_the_ecosystem_checkpoint_round_trips_resume_bit_identically(world, tmp_path):
     """torchtitan's path: get/set_optimizer_state_dict with and without flatten_optimizer_state_dict=True, and
     torch.distributed.checkpoint save/load of the flattened dicts, each resumed at step 10 of 20."""
-    scopes = "none,global,layer,output,svd" if world == 2 else "none,global,output"
+    scopes = "none,global,layer,output,input,svd,eigen"
     res = launch(world, tmp_path / "e.pt", "ecosystem", scopes, str(tmp_path / "ckpt"), "10")
     assert set(res) == set(scopes.split(","))
     for spec, r in res.items():
@@ -139,7 +139,7 @@ def test_the_ecosystem_checkpoint_round_trips_resume_bit_identically(world, tmp_
 def test_zero_redundancy_optimizer_checkpoint_resumes_bit_identically(tmp_path):
     """ZeroRedundancyOptimizer over 2 ranks: consolidate, save, load into a fresh one at step 10 of 20. Its
     load copies rank 0's group keys (per-param lists included) into every rank's local optimizer."""
-    scopes = "none,global,layer,output,svd"
+    scopes = "none,global,layer,output,input,svd,eigen"
     res = launch(2, tmp_path / "z.pt", "zero", scopes, "10")
     assert set(res) == set(scopes.split(","))
     for spec, r in res.items():
