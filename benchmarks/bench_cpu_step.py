@@ -1,4 +1,4 @@
-"""CPU optimizer-step benchmark (issue 11): the compiled extension (``backend="ext"``, what ``auto`` runs on a CPU)
+"""CPU optimizer-step benchmark: the compiled extension (``backend="ext"``, what ``auto`` runs on a CPU)
 against torch's fused AdamW, the eager reference, torch.compile of the eager step and the step's floors, all
 measured in one process, interleaved, with the machine's load recorded around every round.
 
@@ -616,7 +616,7 @@ def _ms(x: float | None) -> str:
 
 
 def acceptance(data: dict) -> list[dict]:
-    """Each acceptance point of issue 11 with its figure, per group."""
+    """Each acceptance point of the CPU extension's targets with its figure, per group."""
     out = []
     for g in data["groups"]:
         by = {r["candidate"]: r for r in g["rows"]}
@@ -750,7 +750,7 @@ def render(data: dict) -> str:
             lines.append(f"| {name} | {pts} | {fit.get('loglog_slope', float('nan')):.2f} |")
         lines.append("")
     acc = data.get("acceptance", [])
-    lines += ["## Acceptance (issue 11)", ""]
+    lines += ["## Acceptance", ""]
     if acc:
         lines += ["| where | check | figure | met |", "|---|---|---|---|"]
         for a in acc:

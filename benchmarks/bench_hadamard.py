@@ -1,4 +1,4 @@
-"""Randomized Hadamard vs dense Haar blocks (issue 12): the eager rotation of one scope's units, same reach.
+"""Randomized Hadamard vs dense Haar blocks: the eager rotation of one scope's units, same reach.
 
 For each parameter count d and block size n: ``BlockRotation.rotate`` then ``unrotate`` of a global unit (one
 vector of length d, permuted) and of a GPT-shaped matrix's output-wise rows, once with Haar blocks (one

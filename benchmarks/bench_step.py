@@ -1,4 +1,4 @@
-"""Optimizer step benchmark (issue 5): every parameter set x scope x backend x precision against floors
+"""Optimizer step benchmark: every parameter set x scope x backend x precision against floors
 measured in the same run, plus scaling, the end-to-end share of a GPT-2 iteration and a timing cross-check.
 
     python benchmarks/bench_step.py [--out benchmarks/results/latest] [--budget-seconds 540]

@@ -1,4 +1,4 @@
-"""Communication of a rotated optimizer step under FSDP2, per scope (issue 14), measured with the profiler.
+"""Communication of a rotated optimizer step under FSDP2, per scope, measured with the profiler.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/fsdp_comm.py \
         [--model gpt-tiny] [--out benchmarks/results/fsdp_comm.md]

@@ -1,6 +1,6 @@
 // torch.ops.rotkern.rotated_adamw_unit_: one rotated AdamW step over one rotation unit, CPU path.
 //
-// The same math as rotkern.kernels.reference.rotated_adamw_ref (paper Alg 4, SPEC section 1), per block of n
+// The same math as rotkern.kernels.reference.rotated_adamw_ref (paper Alg. 4, App. A.1), per block of n
 // coordinates of each of the unit's vectors:
 //   g~ = R (pi g)[block]          gather through pi, rotate (a BLAS GEMM over a tile of blocks)
 //   m  = lerp(m, g~, 1 - b1);  v = b2 v + (1 - b2) g~^2;  v' = max(v_max, v) with amsgrad

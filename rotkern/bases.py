@@ -2,7 +2,7 @@
 
 Two bases (each a :class:`DynamicRotation`; units of the ``svd`` and ``eigen`` scopes, see :mod:`rotkern.scopes`):
 
-- :class:`SvdRotation` (paper Alg 5, SPEC section 3): the singular vectors of the current gradient, completed to
+- :class:`SvdRotation` (paper Alg. 5, Sec. 3.2): the singular vectors of the current gradient, completed to
   full orthogonal matrices, recomputed every ``svd_every`` steps.
 - :class:`EigenRotation` (SOAP, Vyas et al. 2024, arXiv 2409.11321 Alg 3): the eigenvectors of exponential moving
   averages of ``G G^T`` and ``G^T G`` (Shampoo's two preconditioner factors), first by ``eigh``, refreshed every

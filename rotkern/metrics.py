@@ -1,13 +1,13 @@
-"""The paper's analysis metrics, as pure functions (SPEC sections 4, 5 and 6).
+"""The paper's analysis metrics, as pure functions (paper Sec. 4, App. B.3, C.3, C.4).
 
-- Update orthogonality (SPEC 5): :func:`update_matrix` rebuilds ``A = R^T m / (sqrt(v) + eps)`` of a weight
+- Update orthogonality (paper Sec. 4.2): :func:`update_matrix` rebuilds ``A = R^T m / (sqrt(v) + eps)`` of a weight
   in the standard basis from a rotated optimizer's state; :func:`cv_singular_values` and the alternatives of
   C.4 score it; :func:`update_cv` does every linear matrix of a model (q/k/v split, embeddings excluded).
-- Gradient bound (SPEC 4, Alg 1): :func:`rotated_grad_inf_norm` and the running max :class:`GradientBound`.
-- Hessian rows (SPEC 6): :func:`hessian_rows` (HVPs, optionally of the rotated loss ``f(R^T w)``),
+- Gradient bound (paper Alg. 1, App. B.3): :func:`rotated_grad_inf_norm` and the running max :class:`GradientBound`.
+- Hessian rows (paper Sec. 4.1, App. C.3): :func:`hessian_rows` (HVPs, optionally of the rotated loss ``f(R^T w)``),
   :func:`row_partition` (I_N / I_L / I_notL), :func:`l11_estimate`, and :class:`ParamLayout` to map flat ids
   to tensors.
-- Second moments (SPEC 6, Fig. 6): :func:`second_moment_stats`.
+- Second moments (paper Sec. 3.2, Fig. 6): :func:`second_moment_stats`.
 
 Nothing here changes the optimizer or the model: states are read, never written, and HVPs use
 ``torch.autograd.grad`` (``.grad`` untouched). Rotations are applied only through ``Unit.view`` /
@@ -57,7 +57,7 @@ __all__ = [
 Tensors = Sequence[torch.Tensor | None]
 
 
-# -- basis changes ------------------------------------------------------------------------------------------
+# -- basis changes --
 
 
 def _all_params(opt) -> list[torch.Tensor]:
@@ -128,7 +128,7 @@ def _filled(opt, out: list[torch.Tensor | None]) -> list[torch.Tensor]:
     return [torch.zeros_like(p, dtype=opt.compute_dtype) if t is None else t for t, p in zip(out, params, strict=True)]
 
 
-# -- update orthogonality (SPEC 5) ----------------------------------------------------------------------------
+# -- update orthogonality (paper Sec. 4.2, App. C.4) --
 
 
 def update_matrices(opt: RotatedOptimizerBase, params: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -185,7 +185,7 @@ def _cv(x: torch.Tensor, unbiased: bool) -> float:
 
 
 def cv_singular_values(a: torch.Tensor, *, unbiased: bool = False) -> float:
-    """CV(A) = sigma_s / mu_s over the singular values of A (SPEC 5): 0 iff A is a scaled (semi-)orthogonal
+    """CV(A) = sigma_s / mu_s over the singular values of A (paper App. C.4): 0 iff A is a scaled (semi-)orthogonal
     matrix, scale-invariant.
 
     a: (m, n). ``unbiased=False`` (default) uses the population std; ``True`` the sample std (n - 1). The paper
@@ -277,7 +277,7 @@ def update_cv(
     metric: Callable[[torch.Tensor], float] | None = None,
     include: Callable[[str], bool] | None = None,
 ) -> dict[str, float]:
-    """CV of the update of every linear matrix (SPEC 5 protocol): ``{name: CV(A)}``.
+    """CV of the update of every linear matrix (paper Sec. 4.2 protocol): ``{name: CV(A)}``.
 
     Matrices: params with >= 2 dims whose optimizer role is not ``embedding`` (nor weights of an
     ``nn.Embedding`` when ``named`` is a module: the tied wte/lm_head is excluded, as in the paper). A param
@@ -326,7 +326,7 @@ def mean_over_depth(values: Mapping[str, float]) -> dict[str, float]:
     return {k: math.fsum(v) / len(v) for k, v in groups.items()}
 
 
-# -- gradient bound (SPEC 4, Alg 1) ---------------------------------------------------------------------------
+# -- gradient bound (paper Alg. 1, App. B.3) --
 
 
 def _grads_of(opt, grads) -> list[torch.Tensor | None]:
@@ -376,7 +376,7 @@ class GradientBound:
         return norm
 
 
-# -- Hessian rows (SPEC 6) ------------------------------------------------------------------------------------
+# -- Hessian rows (paper Sec. 4.1, App. C.3) --
 
 
 def hessian_rows(
@@ -388,7 +388,7 @@ def hessian_rows(
     opt: RotatedOptimizerBase | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Rows ``r_i = (1/k) sum_b H_b e_i`` of the minibatch Hessian by Hessian-vector products (SPEC 6).
+    """Rows ``r_i = (1/k) sum_b H_b e_i`` of the minibatch Hessian by Hessian-vector products (paper Sec. 4.1).
 
     Each HVP is ``grad <grad f_b(w), v>`` (double backward), ``v = e_i``; the first backward of a batch is shared
     by all rows. ``loss_fn(b)`` returns the scalar loss of minibatch ``b`` for ``b in range(num_batches)``
@@ -565,7 +565,7 @@ def row_partition(
     split_qkv: bool = True,
     embedding: str = "transposed",
 ) -> dict[str, float]:
-    """Split ``r_i . dw`` into the paper's three blocks (SPEC 6, Table 1): keys neuron, layer, other, total.
+    """Split ``r_i . dw`` into the paper's three blocks (Sec. 4.1, Table 1): keys neuron, layer, other, total.
 
     neuron = sum over I_N (weights into the same output neuron as w_i, w_i included: its row of the (out, in)
     weight); layer = over I_L (the rest of w_i's layer); other = over I_notL (all other layers). neuron +
@@ -602,7 +602,7 @@ def row_partition(
 
 
 def l11_estimate(rows: torch.Tensor | Sequence[torch.Tensor]) -> float:
-    """Mean L1 norm of sampled Hessian rows, the paper's estimate of ||H||_(1,1) / d (SPEC 6).
+    """Mean L1 norm of sampled Hessian rows, the paper's estimate of ||H||_(1,1) / d (paper Sec. 4.1, App. C.3).
 
     rows: (k, d) or k flat (d,) tensors.
     """
@@ -612,7 +612,7 @@ def l11_estimate(rows: torch.Tensor | Sequence[torch.Tensor]) -> float:
     return math.fsum(r.detach().abs().to(torch.float64).sum().item() for r in rows) / len(rows)
 
 
-# -- second moments (SPEC 6, Fig. 6) --------------------------------------------------------------------------
+# -- second moments (paper Sec. 3.2, Fig. 6) --
 
 DEFAULT_QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 
@@ -664,7 +664,7 @@ def second_moment_stats(
     has numel, zeros, mean, min, max, quantiles ({q: value}, linear interpolation), counts (histogram of
     log10 v over ``log10_range`` for v > 0), below / above (positive values outside the range). Everything is
     plain Python (JSON-ready). ``bias_correction`` divides v by 1 - beta2^t (the paper's figure does not say;
-    default raw v, as SPEC 5).
+    default raw v, as in paper Sec. 4.2, App. C.4).
     """
     lo, hi = log10_range
     names = _param_names(opt, None)

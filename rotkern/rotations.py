@@ -2,7 +2,7 @@
 
 The paper's rotation of a length-L vector is ``x -> B(pi x)``: a random permutation ``pi`` followed
 by a block-diagonal matrix ``B = diag(R_n, ..., R_n, R_p)`` that repeats one n x n Haar-orthogonal block
-``b = L // n`` times and closes with a residual ``p x p`` block, ``p = L - b n`` (SPEC section 1).
+``b = L // n`` times and closes with a residual ``p x p`` block, ``p = L - b n`` (paper App. A.1-A.3).
 Memory is O(n^2 + L) and the product is a batched matmul; no L x L matrix is ever formed.
 
 ``structure="hadamard"`` replaces the Haar blocks by randomized Walsh-Hadamard blocks, ``H_m D_m / sqrt(m)``
@@ -164,7 +164,7 @@ def _build_block_matrix(structure: str, parts: tuple[int, ...], seed: int, dtype
 @torch.compiler.disable  # built once and cached; tracing it would re-run the QR in every compiled step
 @functools.lru_cache(maxsize=128)
 def _haar_cached(n: int, seed: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
-    # One R_n per (seed, n) is shared by every block and every layer of a run (SPEC section 1), and one
+    # One R_n per (seed, n) is shared by every block and every layer of a run (paper App. A.1-A.3), and one
     # copy per device serves every BlockRotation that uses it.
     if device != "cpu" or dtype != torch.float64:
         return _haar_cached(n, seed, torch.float64).to(device=device, dtype=dtype)
@@ -426,6 +426,6 @@ def check_block_size(block_size: object, name: str = "block_size") -> int:
     if not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise ValueError(
             f"{name}={block_size} is out of range: it must be between 1 and {MAX_BLOCK_SIZE} "
-            f"(the paper uses 768; larger blocks change little, SPEC section 1)"
+            f"(the paper uses 768; larger blocks change little, paper App. A.1-A.3)"
         )
     return int(block_size)

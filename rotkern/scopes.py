@@ -1,4 +1,4 @@
-"""Rotation scopes: which coordinates are rotated together (SPEC section 2).
+"""Rotation scopes: which coordinates are rotated together (paper Sec. 3.1, App. B.1).
 
 A scope turns a parameter group into *units*. A unit is a family of equal-length vectors, gathered
 from the parameters as the rows of a (num_vectors, L) matrix, that all share one :class:`BlockRotation`:
@@ -45,7 +45,7 @@ Defaults where the paper is silent (each configurable):
   shared by its rows) and split into blocks plus a residual; shorter ones get one Haar block of their
   own length. Every unit with the same seed shares the same R_n.
 
-The ``svd`` (SPEC section 3) and ``eigen`` scopes are dynamic: their units are structural here (which matrix,
+The ``svd`` (paper Sec. 3.2, Alg. 5) and ``eigen`` scopes are dynamic: their units are structural here (which matrix,
 which piece), and the bases live in the optimizer's per-parameter state; see :mod:`rotkern.bases`. Everything
 below about ``svd`` holds for ``eigen`` too; an ``eigen`` matrix whose both sides exceed ``max_precond_dim``
 has no basis to keep and is an identity unit (plain Adam), as in SOAP. Its
@@ -420,6 +420,6 @@ def param_groups_for(
     if weight_decay is None:
         return [group(named)]
     # One group with a per-parameter decay mask, not nanoGPT's two groups: a global rotation spans all
-    # parameters of a group, and the paper's global scope covers every weight (SPEC section 2).
+    # parameters of a group, and the paper's global scope covers every weight (paper Sec. 3.1, App. B.1).
     mask = [p.dim() >= 2 or not no_decay_1d for _, p in named]
     return [group(named, weight_decay=weight_decay, decay_mask=mask)]

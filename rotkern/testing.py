@@ -45,7 +45,7 @@ __all__ = [
 TOLERANCES: dict[str, tuple[float, float]] = {
     # rotation="none" against torch.optim.AdamW (same fp32 op order; rounding of addcdiv differs).
     "identity_vs_torch": (1e-6, 1e-7),
-    # fp32 rotated optimizer against the dense fp64 oracle, 20 steps (issue 2).
+    # fp32 rotated optimizer against the dense fp64 oracle, 20 steps.
     "ref_vs_oracle": (1e-5, 1e-6),
     # rotate/unrotate round trip, fp32.
     "roundtrip_fp32": (1e-6, 1e-6),

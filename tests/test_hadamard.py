@@ -1,4 +1,4 @@
-"""Randomized Hadamard blocks (structure="hadamard", issue 12): orthogonality, the fast transform against the dense
+"""Randomized Hadamard blocks (structure="hadamard"): orthogonality, the fast transform against the dense
 blocks, power-of-two tails, determinism, every static scope against the dense oracle, every backend."""
 
 import io

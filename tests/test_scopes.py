@@ -48,7 +48,7 @@ def test_qkv_split_and_embedding_orientation():
     out_t = build_units(emb, "output", roles=["embedding"])
     assert (out_t[0].layout, out_t[0].shape) == ("cols", (8, 50))  # per-dim columns over the vocabulary
     out_l = build_units(emb, "output", roles=["embedding"], embedding="as_linear")
-    assert (out_l[0].layout, out_l[0].shape) == ("rows", (50, 8))  # per-token rows (SPEC C.2 reading)
+    assert (out_l[0].layout, out_l[0].shape) == ("rows", (50, 8))  # per-token rows (paper App. C.2 reading)
 
 
 def test_bad_options():

@@ -1,4 +1,4 @@
-"""The paper's ablations as trainer options (issue 17): per-layer-type rotation (C.2), embedding orientation,
+"""The paper's ablations as trainer options: per-layer-type rotation (C.2), embedding orientation,
 QKV split, vectors, block size and beta2, and compare's --variants / --sweep."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Baseline optimizers in the trainers (issue 12): Muon (paper Alg 6) + AdamW, SOAP (the eigen scope), rotated SGD-M,
+"""Baseline optimizers in the trainers: Muon (paper Alg 6) + AdamW, SOAP (the eigen scope), rotated SGD-M,
 and compare running them beside the scopes."""
 
 import dataclasses

@@ -41,7 +41,7 @@ def test_validate_says_when_there_is_no_fused_optimizer(monkeypatch, capsys):
 @pytest.mark.interpret
 @pytest.mark.parametrize("model", ["gpt-tiny", "vit-tiny", "resnet-tiny"])
 def test_validate_under_the_triton_interpreter(tmp_path, model):
-    """Issue 4: the Triton kernels (interpreted) track the eager optimizer for 5 steps in every scope."""
+    """The Triton kernels (interpreted) track the eager optimizer for 5 steps in every scope."""
     pytest.importorskip("triton", reason="the interpreter needs triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     argv = ["validate", f"--model={model}", "--steps=5", "--batch_size=2", "--context=16", "--block_size=64",

@@ -2,7 +2,7 @@
 
 ``torch.ops.rotkern.rotated_adamw_unit_`` steps one rotation unit; this launcher advances the steps and calls
 it once per rotated unit, and once for all unrotated units of a step that share a dtype pair and a step count
-(scope ``none`` is then a single call). The math is the reference's (SPEC section 1): per block of n
+(scope ``none`` is then a single call). The math is the reference's (paper App. A.1-A.3): per block of n
 coordinates, gather the gradient through pi, rotate it (a BLAS GEMM over a tile of a few hundred blocks),
 update Adam's moments in the rotated layout (vectorised: AVX-512, AVX2 or scalar, chosen at run time), rotate
 the update back and scatter it through pi with decoupled weight decay. Tiles run in parallel over the CPU's

@@ -1,6 +1,6 @@
 """Triton rotated AdamW step: the same op as :func:`rotkern.kernels.reference.rotated_adamw_ref`, fused.
 
-Per unit vector x (a row of the unit's (num_vectors, L) view), per block of n coordinates [SPEC 1]:
+Per unit vector x (a row of the unit's (num_vectors, L) view), per block of n coordinates [paper App. A.1]:
 
     g~  = R (pi g)[block]                 gather through pi, rotate with tl.dot (row form g R^T)
     m   = lerp(m, g~, 1 - b1)              moments stored in the rotated layout

@@ -1,4 +1,4 @@
-"""Triton Adam step of a dynamic unit with dense two-sided bases (issue 12): the svd / eigen scopes' step, fused.
+"""Triton Adam step of a dynamic unit with dense two-sided bases: the svd / eigen scopes' step, fused.
 
 One (k, w) matrix unit with bases L (k, k) and R (w, w) (an eigen unit's Q_L, Q_R; an svd unit whose sides are
 square, i.e. not kept as Householder reflectors) steps as :func:`rotkern.kernels.reference.rotated_adamw_ref`

@@ -856,7 +856,7 @@ def _warn_roles_guessed(gi: int, group: dict) -> None:
     log.warning(
         "rotkern: param group %d (rotation=%r) has no parameter names, so roles were guessed from shapes (%s). "
         "A fused QKV weight or an embedding cannot be recognised without names, and they rotate differently "
-        "(SPEC section 2). Pass model.named_parameters(), rotkern.param_groups_for(model), or a 'roles' list. "
+        "(paper Sec. 3.1). Pass model.named_parameters(), rotkern.param_groups_for(model), or a 'roles' list. "
         "(Said once per process.)",
         gi,
         group["rotation"],

@@ -2,7 +2,7 @@
 
 Each rank steps its own shard: the parameter, its gradient and the moments (DTensors with the parameter's
 placements, so ``torch.distributed.checkpoint`` saves them sharded) are used through their local tensors. What a
-rotation unit needs decides how (``shard_mode`` of a param group, SPEC section 2's scopes):
+rotation unit needs decides how (``shard_mode`` of a param group, the paper's scopes, Sec. 3.1):
 
 ==========================  =================================================================================
 unit                        sharded semantics

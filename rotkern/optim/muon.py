@@ -1,4 +1,4 @@
-"""Muon (paper Alg 6, SPEC section 4), for torch versions without ``torch.optim.Muon``, and the split of a model's
+"""Muon (paper Alg. 6, App. E), for torch versions without ``torch.optim.Muon``, and the split of a model's
 parameters that Muon is meant for.
 
     B_t = mu B_{t-1} + G_t                      (momentum buffer)

@@ -21,9 +21,9 @@ class RotatedAdamW(RotatedOptimizerBase):
     Forward and backward stay in the standard basis. Each step the gradient is permuted and rotated,
     ``g~ = B(pi g)``; Adam's ``exp_avg`` and ``exp_avg_sq`` are updated on ``g~``; the update
     ``m^/(sqrt(v^)+eps)`` is rotated back, un-permuted and applied with decoupled weight decay in the
-    standard basis (SPEC section 1). ``rotation="none"`` is exactly ``torch.optim.AdamW``.
+    standard basis (paper App. A.1-A.3). ``rotation="none"`` is exactly ``torch.optim.AdamW``.
 
-    ``rotation="svd"`` is the paper's Alg 5 (SPEC section 3), the one dynamic scope: every 2-D weight
+    ``rotation="svd"`` is the paper's Alg 5 (paper Sec. 3.2, Alg. 5), the one dynamic scope: every 2-D weight
     (conv kernels as (out, in * kh * kw); q, k, v separately under ``split_qkv``; embeddings as stored) is
     rotated on both sides, ``g~ = L^T G R``, by the singular vectors of its current gradient
     ``G = U S V^T`` (after the ``maximize`` sign), completed to full orthogonal bases ``L = [U, U_perp]``,

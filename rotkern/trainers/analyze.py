@@ -8,7 +8,7 @@ For each checkpoint the model and the optimizer it was trained with are rebuilt 
 in use at the checkpoint's step, after a ``--switch_at``), both states are loaded, and on the run's own data
 (or ``--data``):
 
-1. update orthogonality (SPEC 5): CV(A) of ``A = R^T m / (sqrt(v) + eps)`` (raw moments) per linear matrix,
+1. update orthogonality (paper Sec. 4.2): CV(A) of ``A = R^T m / (sqrt(v) + eps)`` (raw moments) per linear matrix,
    q/k/v split, embeddings excluded (:func:`rotkern.metrics.update_cv`), with the C.4 alternatives
    (:func:`rotkern.metrics.orthogonality_metrics`); averaged per layer type over depth and per run;
 2. the L-infinity gradient bound of Alg 1 (:class:`rotkern.metrics.GradientBound`) over ``--batches`` T
@@ -22,7 +22,7 @@ in use at the checkpoint's step, after a ``--switch_at``), both states are loade
    matrices only) drawn from ``--hessian_seed``; each row's l1 norm, the (1,1)-norm estimate and the
    neuron / layer / other split (:func:`rotkern.metrics.row_partition`) of ``r_i . dw`` for a random unit
    direction dw and for the update dw = w_(t+1) - w_t of one more training step from the checkpoint;
-5. with ``--resume_steps N`` (the paper's protocol, SPEC 5: resume from the checkpoint and log the CV every
+5. with ``--resume_steps N`` (the paper's protocol, Sec. 4.2: resume from the checkpoint and log the CV every
    step): a fresh copy of the run (rebuilt from the checkpoint, as the optimizer it was trained with, so the
    measurements above are untouched) trains N more steps, ``step .. step + N - 1`` of its own batch stream
    (``train_step``: its lr schedule, clipping and gradient accumulation; past the schedule's end lr stays at
@@ -35,8 +35,8 @@ state carries over exactly; in item 5 reloaded after every step); runs without A
 rotated-sgdm, muon) get the gradient bound (and the Hessian) only: no CV, no CV trajectory.
 
 Output in ``--out_dir`` (default ``analysis/`` in the first input's folder; an existing analysis.json there is
-never overwritten): analysis.json, summary.md (tables and a sentence per ordering of SPEC 5 that these runs can
-check; with ``--resume_steps``, per scope the CV at the first and last resumed step and its mean ± std over
+never overwritten): analysis.json, summary.md (tables and a sentence per ordering of the paper's Sec. 4.2 that these
+runs can check; with ``--resume_steps``, per scope the CV at the first and last resumed step and its mean ± std over
 the N steps), cv_by_layer.png, v_hist.png, with ``--resume_steps`` cv_trajectory.png (mean CV against the
 training step, one line per run) and, when a baseline (none or adamw) is among several runs,
 delta_loss_vs_delta_cv.png (paper Fig. 11). analysis.json holds each run's ``cv_trajectory`` (a list of
@@ -101,7 +101,7 @@ LAYER_TYPES = (  # (pattern on the matrix name, layer type), first match wins
 class AnalyzeConfig:
     out_dir: str = ""  # where the results go; "" = analysis/ in the first input's folder (never overwritten)
     batches: int = 20  # T minibatches for the gradient bound of Alg 1 (the paper's 1000)
-    hessian_rows: int = 0  # N Hessian rows by HVP per checkpoint (SPEC 6); 0 = off
+    hessian_rows: int = 0  # N Hessian rows by HVP per checkpoint (paper Sec. 4.1, App. C.3); 0 = off
     hvp_batches: int = 1  # k minibatches each Hessian row is averaged over (the paper's 5000)
     hessian_seed: int = 0  # draws the flat ids of the rows (same model -> same ids for every run) and the random dw
     hessian_ids: str = ""  # comma-separated flat ids (optimizer layout) to use instead of drawn ones
@@ -115,7 +115,7 @@ class AnalyzeConfig:
     plot: bool = True  # write the PNG figures (needs matplotlib)
     # With N > 0: from each checkpoint, a copy of the run (its own optimizer, the next N batches of its own stream)
     # trains N more optimizer steps and the update-orthogonality CV is logged after every step (the paper's
-    # protocol, SPEC 5); an integer >= 0, 0 = off. Runs without Adam moments (sgdm, muon) get no trajectory.
+    # protocol, Sec. 4.2); an integer >= 0, 0 = off. Runs without Adam moments (sgdm, muon) get no trajectory.
     resume_steps: int = 0
 
 
@@ -768,8 +768,8 @@ def all_orderings(scopes: dict[str, dict], tol: float) -> list[dict]:
 
 
 def check_orderings(scopes: dict[str, dict], tol: float) -> list[dict]:
-    """SPEC 5's orderings of the mean CV over scopes (seed means): each with holds True / False, or None (with
-    the reason) when these runs cannot check it."""
+    """The paper's (Sec. 4.2) orderings of the mean CV over scopes (seed means): each with holds True / False,
+    or None (with the reason) when these runs cannot check it."""
     cv = {s: r["cv"] for s, r in scopes.items() if r["cv"] is not None}
     out = []
 
@@ -930,7 +930,7 @@ def summary_md(a: dict) -> str:
             "averaged over the rows; update dw = one more training step from the checkpoint, random dw = a random "
             "unit vector.",
         ]
-    lines += ["", "## Orderings of the paper (SPEC 5)", ""]
+    lines += ["", "## Orderings of the paper (Sec. 4.2, App. C.4)", ""]
     lines += [f"- {o['sentence']}" for o in a["orderings"]]
     notes = [f"- {r['label']}: {n}" for r in runs for n in r["notes"]]
     if notes:

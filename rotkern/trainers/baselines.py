@@ -2,8 +2,8 @@
 
 ``--optimizer muon``: ``torch.optim.Muon`` (rotkern's :class:`rotkern.optim.muon.Muon` where the installed torch
 lacks it) on the 2-D hidden weight matrices, with Moonshot's lr adjustment (``match_rms_adamw``) so that AdamW's lr
-and schedule carry over, and AdamW on the embeddings, the input/output layers, vectors and conv kernels (SPEC
-section 4; :func:`rotkern.optim.muon.muon_param_split`), stepped together as one optimizer.
+and schedule carry over, and AdamW on the embeddings, the input/output layers, vectors and conv kernels (paper
+App. E; :func:`rotkern.optim.muon.muon_param_split`), stepped together as one optimizer.
 
 ``--optimizer soap``: :class:`rotkern.RotatedAdamW` with ``rotation="eigen"`` and SOAP's basis options
 (``basis_change="transport_m"``; ``precondition_every``, ``shampoo_beta``, ``max_precond_dim`` from the config).

@@ -1,7 +1,7 @@
 """``rotkern compare``: the paper's Figure 1 in miniature. The same model, data, seed and batches are trained
 under several rotation scopes; the result is a loss-curve plot and a table of final losses and slowdowns.
 
-Slowdown (the paper does not define it, SPEC section 7; we take extra steps to the same loss): the train-loss
+Slowdown (the paper does not define it, paper Sec. 3.1, Fig. 1; we take extra steps to the same loss): the train-loss
 curves are smoothed by a bias-corrected EMA (``ema``, default 0.95, i.e. a ~20-step window);
 ``target`` = the baseline's smoothed loss at its last step; T(scope) = the first step where a scope's smoothed
 curve reaches ``target``; slowdown = (T(scope) / T(baseline) - 1) x 100 %, "not reached" if it never does.

@@ -1,4 +1,4 @@
-"""The paper's three models in plain torch (SPEC section 8): nanoGPT's GPT, SimpleViT and ResNet.
+"""The paper's three models in plain torch (paper App. B.2): nanoGPT's GPT, SimpleViT and ResNet.
 
 GPT follows nanoGPT's model.py: no biases, tied wte / lm_head, fused ``c_attn`` (role ``qkv`` for the
 scopes), GELU MLP, init N(0, 0.02) with residual projections scaled by 1/sqrt(2 n_layer). SimpleViT follows

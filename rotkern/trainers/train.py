@@ -148,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-tiny": {},
     "vit-tiny": dict(model="vit-tiny", lr=3e-3, min_lr=3e-4, beta2=0.999, batch_size=64, weight_decay=0.1),
     "resnet-tiny": dict(model="resnet-tiny", lr=3e-3, min_lr=3e-4, beta2=0.999, batch_size=64, weight_decay=1e-4),
-    # The paper's setups (SPEC section 8). ImageNet epochs in steps: 1,281,167 images / batch.
+    # The paper's setups (paper App. B.2). ImageNet epochs in steps: 1,281,167 images / batch.
     "gpt2-124m": dict(
         model="gpt2-124m",
         lr=6e-4,
@@ -522,7 +522,7 @@ def fused_class():
     cls = getattr(rotkern, "FusedRotatedAdamW", None)
     if cls is None:
         raise TrainerError(
-            "--optimizer=rotated-fused needs rotkern.FusedRotatedAdamW, which this install lacks (issue 3)"
+            "--optimizer=rotated-fused needs rotkern.FusedRotatedAdamW, which this install lacks"
         )
     return cls
 

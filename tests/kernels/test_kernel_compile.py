@@ -1,4 +1,4 @@
-"""The Triton step's kernels compiled ahead of time for sm_90 and sm_80, on a machine without a GPU (issue 10).
+"""The Triton step's kernels compiled ahead of time for sm_90 and sm_80, on a machine without a GPU.
 
 Every variant that the launcher produces for GPT-2 124M, ViT-S/16 and ResNet-50 (block size 768, every fixed
 scope, fp32 and bf16 params, each tl.dot precision, the launcher's other defaults) is compiled to a cubin with

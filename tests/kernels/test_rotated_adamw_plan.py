@@ -1,5 +1,5 @@
 """Device memory of the Triton step's plan (rotkern.kernels._rotated_adamw_plan), measured from the plan itself:
-no kernel runs, so this holds on any machine. Issue 10's statement, at GPT-2 124M's layer shapes (2 of 12
+no kernel runs, so this holds on any machine. The memory bound, at GPT-2 124M's layer shapes (2 of 12
 blocks, the full vocabulary), n = 768."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The Triton two-sided Adam step (rotkern.kernels.two_sided_adamw, issue 12) against its eager twin, and the twin
+"""The Triton two-sided Adam step (rotkern.kernels.two_sided_adamw) against its eager twin, and the twin
 against rotated_adamw_ref on real svd / eigen units.
 
 Runs on CUDA when there is a GPU, else on the CPU through the Triton interpreter (TRITON_INTERPRET=1, set before

@@ -1,4 +1,4 @@
-"""capturable=True (issue 15): FusedRotatedAdamW's Triton step reads lr, betas, step counts and GradScaler's
+"""capturable=True: FusedRotatedAdamW's Triton step reads lr, betas, step counts and GradScaler's
 tensors on the device and stages nothing on the host, so a CUDA graph can capture it and replay it with a changing
 lr. On the CPU (Triton interpreter) the capturable step equals the plain one and reads no tensor value on the host;
 the other backends and the dynamic scopes are refused before anything changes. The graph replay itself runs on a

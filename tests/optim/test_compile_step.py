@@ -1,4 +1,4 @@
-"""torch.compile around opt.step() (issue 15): the compiled step equals the eager one bit for bit on the eager
+"""torch.compile around opt.step(): the compiled step equals the eager one bit for bit on the eager
 path, on the extension's op and on the Triton kernels (the torch.library op rotkern::rotated_adamw_step, run by
 the interpreter here), and a changing (tensor) lr does not recompile it: the compile counters stay put over a
 100-step schedule. The fused steps compile to one graph with no break; the eager reference path still breaks

@@ -1,4 +1,4 @@
-"""Converters between torch.optim.AdamW state and rotkern state (rotkern.optim.convert, issue 9)."""
+"""Converters between torch.optim.AdamW state and rotkern state (rotkern.optim.convert)."""
 
 import copy
 import io

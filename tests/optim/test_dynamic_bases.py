@@ -349,7 +349,7 @@ def test_eigen_side_longer_than_max_precond_dim_is_the_identity():
 # %% the paper's link to Muon -----------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(6, 9), (9, 6), (5, 5)])
 def test_svd_with_zero_betas_and_eps_is_u_v_transpose_every_step(shape):
-    """beta1 = beta2 = eps = 0 with a recompute every step: each update is U V^T of that step's gradient (SPEC 4)."""
+    """beta1 = beta2 = eps = 0 with a recompute every step: each update is U V^T of that step's gradient (App. E)."""
     gen = torch.Generator().manual_seed(0)
     w = torch.zeros(shape)
     opt = RotatedAdamW([w], rotation="svd", svd_every=1, lr=1.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0)

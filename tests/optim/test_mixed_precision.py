@@ -1,4 +1,4 @@
-"""bf16 and fp16 params with fp32 moments and fp32 maths (issue 15): judged against an fp32-master run, with torch's
+"""bf16 and fp16 params with fp32 moments and fp32 maths: judged against an fp32-master run, with torch's
 own fused AdamW on the same low-precision params as the yardstick (err <= 2x torch's + floor,
 TOLERANCES["bf16_floor"])."""
 

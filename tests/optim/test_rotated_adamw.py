@@ -271,7 +271,7 @@ def test_closure_and_fp64_compute():
 
 @pytest.mark.parametrize("scope", SCOPES)
 def test_step_compiles_and_matches_eager(scope):
-    """torch.compile(opt.step) is a benchmark baseline (issue 5): it must trace and give the eager result."""
+    """torch.compile(opt.step) is a benchmark baseline: it must trace and give the eager result."""
     torch._dynamo.reset()  # no dynamic-shape state from another test's compile of the same step
     shapes = [(24, 8), (8,), (16, 24)]
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]

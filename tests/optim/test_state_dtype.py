@@ -1,4 +1,4 @@
-"""state_dtype=torch.bfloat16 (issue 15): Adam's moments stored in bf16 between steps, every step computed in fp32
+"""state_dtype=torch.bfloat16: Adam's moments stored in bf16 between steps, every step computed in fp32
 on copies. Exactly "fp32 moments rounded to nearest bf16 after every step", on every backend; checkpoints move
 between bf16- and fp32-moment optimizers; lossy, and by how much on a small problem."""
 

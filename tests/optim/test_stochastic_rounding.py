@@ -1,4 +1,4 @@
-"""stochastic_rounding=True (issue 15): bf16/fp16 params written by unbiased stochastic rounding of the fp32
+"""stochastic_rounding=True: bf16/fp16 params written by unbiased stochastic rounding of the fp32
 result, deterministic from the seed and step, on every backend."""
 
 from __future__ import annotations

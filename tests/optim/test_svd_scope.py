@@ -1,4 +1,4 @@
-"""rotation="svd" (paper Alg 5, SPEC section 3): the dynamic SVD basis scope.
+"""rotation="svd" (paper Alg. 5, Sec. 3.2): the dynamic SVD basis scope.
 
 The reference here is Alg 5 written out in plain torch: dense bases, float64 Adam, g~ = L^T G R. Two things
 are rotkern's definitions, not the paper's, and the reference follows them:
@@ -145,7 +145,7 @@ def test_matches_plain_alg5_with_amsgrad_maximize_and_split_qkv(amsgrad, maximiz
 
 
 def test_first_step_is_lr_times_u_v_transpose():
-    """At step 1 g~ = S, so Adam's update is sign(S) = 1 on the diagonal: the Muon direction U V^T (SPEC 4)."""
+    """At step 1 g~ = S, so Adam's update is sign(S) = 1 on the diagonal: the Muon direction U V^T (paper App. E)."""
     w = torch.zeros(6, 9)
     g = torch.randn(6, 9)
     w.grad = g.clone()

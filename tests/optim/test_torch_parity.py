@@ -1,4 +1,4 @@
-"""The torch.optim contract, kept exactly (issue 9): what a training script observes of ``torch.optim.AdamW``
+"""The torch.optim contract, kept exactly: what a training script observes of ``torch.optim.AdamW``
 holds for rotkern on every backend. ``rotation="none"`` is compared with torch.optim.AdamW itself; the rotated
 scopes with the same rule (untouched frozen params, atomic refusals, copies that step identically ...).
 
