@@ -144,7 +144,7 @@ def probe_step(device: torch.device, scope: str, shape: tuple[int, int], n: int,
         p.grad = g.to(device)
         before = p.double().cpu().reshape(-1)
         opt.step()
-        state = {k: unit.view([opt.state[p][k].double().cpu().reshape(-1)]) for k in ("exp_avg", "exp_avg_sq")}
+        state = {k: unit.view([moment(opt.state[p], k).double().cpu().reshape(-1)]) for k in ("exp_avg", "exp_avg_sq")}
         if t == 1:  # exp_avg = (1 - beta1) g~ exactly: the kernel's rotation of g, in the moments' layout
             y64 = rot.rotate(unit.view([g.double().reshape(-1)]))
             out[f"rotkern-{scope}-g~"] = bias_and_rms(moment(state, "exp_avg") / (1 - beta1), y64)
