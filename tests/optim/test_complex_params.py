@@ -116,32 +116,30 @@ def test_a_complex_checkpoint_resumes_bit_identically(scope, backend):
         assert torch.equal(p, q)
 
 
-def test_complex128_params_compute_in_float64():
-    cp, rp = _pair(0, dtype=torch.complex128)
-    oc = RotatedAdamW(list(zip(NAMES, cp, strict=True)), **KW)
-    orr = RotatedAdamW(list(zip(NAMES, rp, strict=True)), **KW)
-    assert oc.compute_dtype == torch.float64
-    gen = torch.Generator().manual_seed(5)
+def _step_twins(cls, cp, rp, seed, **kw):
+    """``cls`` on the complex params and on their real twins, 3 steps on the same grads; both optimizers."""
+    oc = cls(list(zip(NAMES, cp, strict=True)), **kw)
+    orr = cls(list(zip(NAMES, rp, strict=True)), **kw)
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(3):
         _grads(cp, rp, gen)
         oc.step()
         orr.step()
     for p, q in zip(cp, rp, strict=True):
         assert torch.equal(as_real(p), q)
-        assert moment(oc.state[p], "exp_avg").dtype == torch.complex128
+    return oc, orr
+
+
+def test_complex128_params_compute_in_float64():
+    cp, rp = _pair(0, dtype=torch.complex128)
+    oc, _ = _step_twins(RotatedAdamW, cp, rp, 5, **KW)
+    assert oc.compute_dtype == torch.float64
+    assert all(moment(oc.state[p], "exp_avg").dtype == torch.complex128 for p in cp)
 
 
 def test_rotated_sgd_steps_complex_params_as_their_real_coordinates():
     cp, rp = _pair(2)
-    kw = dict(lr=1e-2, momentum=0.9, rotation="global", block_size=4)
-    oc, orr = RotatedSGD(list(zip(NAMES, cp, strict=True)), **kw), RotatedSGD(list(zip(NAMES, rp, strict=True)), **kw)
-    gen = torch.Generator().manual_seed(6)
-    for _ in range(3):
-        _grads(cp, rp, gen)
-        oc.step()
-        orr.step()
-    for p, q in zip(cp, rp, strict=True):
-        assert torch.equal(as_real(p), q)
+    _step_twins(RotatedSGD, cp, rp, 6, lr=1e-2, momentum=0.9, rotation="global", block_size=4)
 
 
 def test_complex_refusals_name_the_param_and_change_nothing():

@@ -270,23 +270,21 @@ def test_another_group_s_per_param_lists_copied_in_are_put_back(scope, backend):
         for lo, hi in ((0, half), (half, len(named)))
     ]
     batches = _batches(4)
-    for b in batches[:2]:
-        for m, (opt0, opt1) in zip(models, zip(*ranks, strict=True), strict=True):
-            opt0.zero_grad()
-            opt1.zero_grad()
-            m(*b).backward()
-            opt0.step()
-            opt1.step()
+
+    def train(chunk):
+        for b in chunk:
+            for m, (opt0, opt1) in zip(models, zip(*ranks, strict=True), strict=True):
+                opt0.zero_grad()
+                opt1.zero_grad()
+                m(*b).backward()
+                opt0.step()
+                opt1.step()
+
+    train(batches[:2])
     rank0, rank1 = ranks[0][0], ranks[1][0]  # model 0's two "ranks"; model 1's are the untouched twins
     for src, dst in zip(rank0.param_groups, rank1.param_groups, strict=True):
         dst.update({k: v for k, v in src.items() if k != "params"})  # what ZeRO's _sync_param_groups does
-    for b in batches[2:]:
-        for m, (opt0, opt1) in zip(models, zip(*ranks, strict=True), strict=True):
-            opt0.zero_grad()
-            opt1.zero_grad()
-            m(*b).backward()
-            opt0.step()
-            opt1.step()
+    train(batches[2:])
     _assert_models_equal(models[0], models[1])
     assert rank1.param_groups[0]["shapes"] == [list(p.shape) for _, p in named[half:]]
     assert rank1.state_dict()["param_groups"][0]["shapes"] == [list(p.shape) for _, p in named[half:]]
