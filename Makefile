@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: run quadratic test lint test-cpu test-compile test-interpret ext test-ext test-gpu-dry test-gpu bench clean
+.PHONY: run quadratic test lint test-cpu test-compile test-interpret ext test-ext test-ext-run test-gpu-dry test-gpu bench clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -25,7 +25,8 @@ ifndef RUN_DIR
 RUN_DIR := runs/main-$(shell date +%Y%m%d-%H%M%S)
 endif
 run: $(BIN)/.installed
-	-$(MAKE) --no-print-directory ext  # the compiled CPU step where a C++ compiler is present; eager without it
+	@# the compiled CPU step where a C++ compiler is present (up to date: nothing to do); eager without it
+	-@$(BIN)/python -m rotkern.build_ext
 	$(BIN)/python -m rotkern.trainers compare --preset=tiny --seeds=3 --optimizer=rotated-fused --out_dir=$(RUN_DIR)
 	$(BIN)/python -m rotkern.trainers analyze $(RUN_DIR) --batches=10 --out_dir=$(RUN_DIR)/analysis
 	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
@@ -58,12 +59,19 @@ test-compile: $(BIN)/.installed
 test-interpret: $(BIN)/.installed
 	TRITON_INTERPRET=1 $(BIN)/pytest -m "interpret and not gpu"
 
-# The optional compiled extension rotkern._C (its CPU path), built in place next to the sources (~1 min).
+# The optional compiled extension rotkern._C (its CPU path), built in place next to the sources (~1 min; nothing
+# to do when up to date). The same command builds it for a pip install: python -m rotkern.build_ext.
 ext: $(BIN)/.installed
-	ROTKERN_BUILD_EXT=1 ROTKERN_SKIP_CUDA_BUILD=1 $(BIN)/python setup.py -q build_ext --inplace
+	$(BIN)/python -m rotkern.build_ext
 
 # The extension against the eager reference; ROTKERN_REQUIRE_EXT=1 turns a broken build into failures, not skips.
-test-ext: ext
+# Without a C++ compiler: one line saying so, and the extension's tests are skipped.
+test-ext: $(BIN)/.installed
+	@if $(BIN)/python -c "import sys; from rotkern.build_ext import compiler; sys.exit(compiler() is not None)"; \
+	then echo "test-ext: skipped: no C++ compiler (c++, g++ or clang++); install one (e.g. apt install g++) to build and test the compiled extension"; \
+	else $(MAKE) --no-print-directory test-ext-run; fi
+
+test-ext-run: ext
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -m "ext and not gpu"
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_cpu_step.py
 	ROTKERN_REQUIRE_EXT=1 $(BIN)/pytest -q benchmarks/test_bench_step.py --benchmark-disable -m "ext and not slow"

@@ -5,47 +5,53 @@
   ``ROTKERN_SKIP_CUDA_BUILD`` != 1), or
 - CUDA_HOME is set and ``ROTKERN_SKIP_CUDA_BUILD`` != 1.
 
-Building needs torch at build time, so build without isolation, e.g. ``make ext`` (which runs
-``ROTKERN_BUILD_EXT=1 python setup.py build_ext --inplace``) or ``pip install --no-build-isolation -e .``.
-MAX_JOBS, NVCC_THREADS and TORCH_CUDA_ARCH_LIST are honoured by torch's build helpers.
+Building needs torch at build time, so build without isolation: ``ROTKERN_BUILD_EXT=1 pip install
+--no-build-isolation .``, or ``make ext`` in a checkout. Every wheel ships the sources (as ``rotkern/_csrc``), so
+``python -m rotkern.build_ext`` adds the extension to an install that lacks it. The extension's flags live in
+``rotkern/build_ext.py`` (loaded here by path), the one place they are written.
 """
 
 import glob
+import importlib.util
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+_spec = importlib.util.spec_from_file_location("_rotkern_build_ext", Path(__file__).parent / "rotkern" / "build_ext.py")
+_build_ext = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build_ext)
+
+
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package as rotkern/_csrc, for ``python -m rotkern.build_ext`` after install."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "rotkern" / "_csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for pattern in ("*.cpp", "*.h", "*.inc", "*.cu", "*.cuh"):
+            for f in glob.glob(os.path.join("csrc", pattern)):
+                shutil.copy2(f, target)
 
 
 def _extension():
     want_cpu = os.environ.get("ROTKERN_BUILD_EXT", "0") == "1"
     want_cuda = bool(os.environ.get("CUDA_HOME")) and os.environ.get("ROTKERN_SKIP_CUDA_BUILD", "0") != "1"
-    cpp = sorted(glob.glob("csrc/*.cpp"))
-    cu = sorted(glob.glob("csrc/*.cu")) if want_cuda else []
-    if not cpp or not (want_cpu or want_cuda):
+    if not glob.glob("csrc/*.cpp") or not (want_cpu or want_cuda):
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension
     except ImportError:
         if want_cpu:
             sys.exit("ROTKERN_BUILD_EXT=1 needs torch at build time: install torch, then build without isolation")
         print("rotkern: torch is not importable at build time; skipping the optional extension", file=sys.stderr)
         return [], {}
-    # OpenMP: at::parallel_for's header implementation only runs in parallel when compiled with it.
-    cxx = ["-O3", "-fopenmp"]
-    if cu:
-        nvcc = ["-O3", f"--threads={os.environ.get('NVCC_THREADS', '4')}"]
-        ext = CUDAExtension(
-            "rotkern._C",
-            cpp + cu,
-            define_macros=[("ROTKERN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
-        )
-    else:
-        ext = CppExtension("rotkern._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension}
+    return [_build_ext.extension("csrc", cuda=want_cuda)], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

@@ -12,7 +12,7 @@ from .optim import FusedRotatedAdamW, RotatedAdamW, RotatedSGD, from_adamw_state
 from .rotations import MAX_BLOCK_SIZE, BlockRotation, Stream, haar_orthogonal, random_permutation
 from .scopes import ALL_SCOPES, SCOPES, Unit, build_units, param_groups_for
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ALL_SCOPES",

@@ -58,6 +58,10 @@ def _probe_triton() -> bool:
     return ok
 
 
+# How to get the extension, whichever way rotkern was installed (a checkout's `make ext` runs the same build).
+BUILD_HINT = "build it with: python -m rotkern.build_ext"
+
+
 def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
@@ -103,12 +107,12 @@ def _probe_ext() -> str | None:
 
 def _ext_probe() -> str | None:
     if importlib.util.find_spec("rotkern._C") is None:
-        return "needs the compiled extension rotkern._C, which is not built (make ext)"
+        return f"needs the compiled extension rotkern._C, which is not built ({BUILD_HINT})"
     try:
         from . import _C  # noqa: F401  (importing registers torch.ops.rotkern.*)
     except ImportError as e:  # built against another torch, or a missing shared library
         log.warning("rotkern: the compiled extension rotkern._C fails to import: %s", e)
-        return f"needs the compiled extension rotkern._C, which fails to import ({e}); rebuild it with make ext"
+        return f"needs the compiled extension rotkern._C, which fails to import ({e}); rebuild it ({BUILD_HINT})"
     if hasattr(torch.library, "register_fake"):
         # Shape-free and returns nothing: lets torch.compile trace a step that calls the op.
         torch.library.register_fake("rotkern::rotated_adamw_unit_")(lambda *args, **kwargs: None)

@@ -563,7 +563,7 @@ def row_partition(
     layout: ParamLayout,
     *,
     split_qkv: bool = True,
-    embedding: str = "transposed",
+    embedding: str = "as_linear",
 ) -> dict[str, float]:
     """Split ``r_i . dw`` into the paper's three blocks (Sec. 4.1, Table 1): keys neuron, layer, other, total.
 

@@ -31,9 +31,11 @@ split into three along dim 0 when ``split_qkv``), ``embedding`` (stored (in, out
 
 Defaults where the paper is silent (each configurable):
 
-- ``embedding="transposed"``: the paper (B.1) transposes embeddings before rotating, so output-wise
-  rotates the length-vocab columns of the (vocab, dim) table. ``"as_linear"`` gives C.2's reading
-  (output-wise = per token rows), which is also what a tied lm_head (vocab, dim) would get.
+- ``embedding="as_linear"``: output-wise rotates each token's row of the (vocab, dim) table, the reading
+  of the paper's C.2 ("within weights of a same token"), which is also what a tied lm_head (vocab, dim)
+  gets; only this reading reproduces the paper's output ~ none (README, "Results").
+  ``"transposed"`` follows the workshop text's B.1, which transposes embeddings before rotating, so
+  output-wise rotates the length-vocab columns of the table.
 - ``vectors="auto"``: 1-D parameters join the global vector, are their own vector in the layer scope
   and stay unrotated in neuron-wise scopes. ``"rotate"`` rotates them as one vector in neuron-wise scopes
   too; ``"none"`` never rotates them.
@@ -59,6 +61,7 @@ vector under ``rotate`` (Alg 5 takes "the gradient matrix of each layer"; a vect
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +83,7 @@ __all__ = [
     "SvdRotation",
     "build_units",
     "infer_roles",
+    "AnnotatedGroup",
     "param_groups_for",
     "unit_index_map",
 ]
@@ -198,7 +202,7 @@ def build_units(
     roles: Sequence[str] | None = None,
     names: Sequence[str] | None = None,
     split_qkv: bool = True,
-    embedding: str = "transposed",
+    embedding: str = "as_linear",
     vectors: str = "auto",
     frozen: Sequence[bool] | None = None,
     max_precond_dim: int = 10000,
@@ -379,11 +383,68 @@ def unit_index_map(unit: Unit, numels: Sequence[int]) -> torch.Tensor:
     return unit.view(flats).clone()
 
 
+def _adding_optimizer(frame) -> tuple[torch.optim.Optimizer | None, type | None]:
+    """The optimizer whose ``add_param_group`` is on the call stack above ``frame`` (None when a script's own
+    code calls ``setdefault``), and for ZeroRedundancyOptimizer the inner optimizer class it was given."""
+    owner = None
+    for _ in range(16):
+        if frame is None:
+            break
+        here = frame.f_locals.get("self")
+        if owner is None and isinstance(here, torch.optim.Optimizer):
+            owner = here
+        elif owner is not None and here is owner and isinstance(frame.f_locals.get("optimizer_class"), type):
+            return owner, frame.f_locals["optimizer_class"]  # ZeRO adds groups before it builds its inner optimizer
+        frame = frame.f_back
+    return owner, None
+
+
+class AnnotatedGroup(dict):
+    """A param group as :func:`param_groups_for` builds it: per-parameter lists (``names``, ``roles``, and with
+    one masked group a ``decay_mask``) beside ``params``. An optimizer that would misread those lists refuses the
+    group with a TypeError when it adds it: torch.optim's (or any without ``understands_decay_mask``) would
+    apply the group's ``weight_decay`` to every parameter, norm weights and biases included, and
+    ZeroRedundancyOptimizer reorders a group's params but not its lists."""
+
+    # torch.optim.Optimizer.add_param_group sets group["params"] = list(...) and fills the defaults with
+    # setdefault: the hooks it offers to a group that an optimizer would misread.
+    def __setitem__(self, key, value) -> None:
+        if key == "params":
+            self._check_consumer(*_adding_optimizer(sys._getframe(1)))
+        super().__setitem__(key, value)
+
+    def setdefault(self, key, default=None):
+        self._check_consumer(*_adding_optimizer(sys._getframe(1)))
+        return super().setdefault(key, default)
+
+    def _check_consumer(self, owner: torch.optim.Optimizer | None, inner: type | None) -> None:
+        if owner is None:  # the script's own code, not an optimizer adding the group
+            return
+        if inner is not None:
+            raise TypeError(
+                f"{type(owner).__name__} sorts each group's params by size and hands every rank the group's other "
+                "keys unchanged, so this group's per-parameter lists (names, roles, decay_mask) would describe "
+                "the wrong params. Give it groups of params only, e.g. "
+                "[{'params': decayed}, {'params': not_decayed, 'weight_decay': 0.0}] (rotkern then infers "
+                "the roles from shapes)"
+            )
+        mask = self.get("decay_mask")
+        if mask is not None and not all(mask) and not getattr(type(owner), "understands_decay_mask", False):
+            raise TypeError(
+                f"{type(owner).__name__} ignores this param group's decay_mask: it would apply weight_decay="
+                f"{self.get('weight_decay')} to all {len(self['params'])} parameters, norm weights and biases "
+                "included. Build its groups with rotkern.param_groups_for(model, weight_decay=..., "
+                "split_decay=True) (nanoGPT's decay and no-decay groups, which mean the same to torch.optim and "
+                "rotkern)"
+            )
+
+
 def param_groups_for(
     model: nn.Module,
     *,
     weight_decay: float | None = None,
     no_decay_1d: bool = True,
+    split_decay: bool = False,
     qkv_patterns: Sequence[str] = DEFAULT_QKV_PATTERNS,
     **group_options,
 ) -> list[dict]:
@@ -394,9 +455,17 @@ def param_groups_for(
     the rest ``vector``. A weight shared by several modules (tied wte / lm_head) appears once, with the
     role of its first owner in ``named_modules()`` order.
 
-    With ``weight_decay`` set, the group gets nanoGPT's decay rule as a ``decay_mask``: >= 2-D tensors
-    decayed, the others not (``no_decay_1d``). Extra keyword options (``rotation=``, ``block_size=``,
-    ``seed=`` ...) are copied into every group.
+    With ``weight_decay`` set, nanoGPT's decay rule: >= 2-D tensors decayed, the others not (``no_decay_1d``).
+    By default as one group with a per-parameter ``decay_mask``, so that a global rotation spans every
+    parameter (paper Sec. 3.1, App. B.1); torch.optim's optimizers ignore such a mask, and refuse the group with
+    a TypeError rather than decay every parameter (see :class:`AnnotatedGroup`, the type of every group returned;
+    ZeroRedundancyOptimizer refuses them too). With ``split_decay=True``, nanoGPT's two
+    groups (``weight_decay`` and 0.0), each with its names and roles: they mean the same to torch.optim and
+    rotkern (under ``rotation="global"`` each group is then its own global vector). Extra keyword options
+    (``rotation=``, ``block_size=``, ``seed=`` ...) are copied into every group.
+
+    Returns:
+        A list of param-group dicts (``params``, ``names``, ``roles``, and the decay keys above).
     """
     roles: dict[int, str] = {}
     for _, mod in model.named_modules():
@@ -409,17 +478,23 @@ def param_groups_for(
         roles.setdefault(id(p), r)
 
     def group(items: list[tuple[str, torch.Tensor]], **extra) -> dict:
-        return {
+        return AnnotatedGroup({
             "params": [p for _, p in items],
             "names": [n for n, _ in items],
             "roles": [roles[id(p)] for _, p in items],
             **group_options,
             **extra,
-        }
+        })
 
     if weight_decay is None:
         return [group(named)]
+    decayed = [p.dim() >= 2 or not no_decay_1d for _, p in named]
+    if split_decay:
+        groups = [
+            group([x for x, d in zip(named, decayed, strict=True) if d == keep], weight_decay=wd)
+            for keep, wd in ((True, weight_decay), (False, 0.0))
+        ]
+        return [g for g in groups if g["params"]]
     # One group with a per-parameter decay mask, not nanoGPT's two groups: a global rotation spans all
     # parameters of a group, and the paper's global scope covers every weight (paper Sec. 3.1, App. B.1).
-    mask = [p.dim() >= 2 or not no_decay_1d for _, p in named]
-    return [group(named, weight_decay=weight_decay, decay_mask=mask)]
+    return [group(named, weight_decay=weight_decay, decay_mask=decayed)]

@@ -38,8 +38,10 @@ KW = dict(lr=1e-2, betas=(0.9, 0.95), block_size=4, seed=3, svd_every=5, precond
 
 
 def scope_options(spec: str) -> dict:
-    """'layer' | 'layer:gather' | 'svd' ... -> optimizer keyword arguments."""
+    """'layer' | 'layer:gather' | 'output:transposed' | 'svd' ... -> optimizer keyword arguments."""
     scope, _, mode = spec.partition(":")
+    if mode == "transposed":  # the embedding orientation of the workshop text's B.1
+        return {"rotation": scope, "embedding": mode}
     return {"rotation": scope, **({"shard_mode": mode} if mode else {})}
 
 

@@ -23,7 +23,10 @@ CPU = dict(device="cpu")  # for TrainConfig / ValidateConfig / CompareConfig / A
 CPU_ARGV = ["--device=cpu"]  # for python -m rotkern.trainers train|compare|validate|analyze
 
 # Small enough that 20 steps take about a second on one CPU core.
-FAST = dict(steps=20, warmup_steps=5, batch_size=8, eval_every=0, eval_batches=2, print_every=0, block_size=64, **CPU)
+# optimizer: the eager reference, whose steps are the same on every machine whether or not the compiled
+# extension is built; the default (rotated-fused) has tests of its own (test_trainers_train.py).
+FAST = dict(steps=20, warmup_steps=5, batch_size=8, eval_every=0, eval_batches=2, print_every=0, block_size=64,
+            optimizer="rotated-eager", **CPU)  # fmt: skip
 
 
 def fast_config(tmp_path, preset: str = "tiny", **overrides) -> TrainConfig:

@@ -360,7 +360,7 @@ def test_row_partition_matches_index_sets(seed, split_qkv):
     dw = torch.randn(layout.numel, generator=gen, dtype=torch.float64)
     layer, neuron = _partition_oracle(layout, 0, split_qkv)
     for index in [0, 5, 23, 24, 28, 29, 35, 40, 55, 56, 63, 69]:
-        got = M.row_partition(r, dw, index, layout, split_qkv=split_qkv)
+        got = M.row_partition(r, dw, index, layout, split_qkv=split_qkv, embedding="transposed")
         want = {"neuron": 0.0, "layer": 0.0, "other": 0.0}
         for k in range(layout.numel):
             key = "other" if layer[k] != layer[index] else "neuron" if neuron[k] == neuron[index] else "layer"

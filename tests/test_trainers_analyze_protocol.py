@@ -176,7 +176,7 @@ def test_cli_accepts_resume_steps(runs, capsys):
     assert len(saved["runs"][0]["cv_trajectory"]) == 3
     assert "resumed training steps" in capsys.readouterr().out
     assert main([*args, "--resume_steps=-1", f"--out_dir={root / 'cli2'}"]) == 2
-    assert "--resume_steps must be >= 0" in capsys.readouterr().err
+    assert "--resume_steps=-1 is out of range: it must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["analyze", "--help"])
     assert "--resume_steps" in capsys.readouterr().out

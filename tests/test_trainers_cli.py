@@ -136,3 +136,37 @@ def test_resume_takes_a_run_folder(tmp_path):
     first = train(cfg)
     resumed = train(dataclasses.replace(cfg, stop_step=0, resume=str(tmp_path / "r")))
     assert resumed["records"][0]["step"] == 4 and resumed["checkpoint"] == first["checkpoint"]
+
+
+# Three bad numeric values per command: each is refused before any work, in one line naming the option, the
+# allowed range and a value that works (the option's default).
+BAD_VALUES = {
+    "train": [("--lr=-1", "> 0"), ("--block_size=0", "in [1, 4096]"), ("--block_size=10000", "in [1, 4096]")],
+    "compare": [("--lr=nan", "> 0"), ("--ema=1", "in [0, 1)"), ("--steps=0", ">= 1")],
+    "validate": [("--beta2=1.5", "in [0, 1)"), ("--eps=0", "> 0"), ("--seed=-1", "in [0, ")],
+    "quadratic": [("--dim=0", "in [1, 4096]"), ("--steps=-5", ">= 1"), ("--condition=0.5", ">= 1")],
+    "analyze": [("--batches=0", ">= 1"), ("--hvp_batches=-1", ">= 1"), ("--approx_tol=-0.1", ">= 0")],
+}
+
+
+@pytest.mark.parametrize(
+    "command,option,allowed", [(c, o, a) for c, bad in BAD_VALUES.items() for o, a in bad], ids=lambda v: str(v)
+)
+def test_a_bad_numeric_value_is_one_error_line(command, option, allowed, tmp_path, capsys):
+    name = option.split("=")[0]
+    paths = [str(tmp_path)] if command == "analyze" else []
+    msg = _error(capsys, [command, *paths, option, f"--out_dir={tmp_path}/o"])
+    assert msg.startswith(f"error: {option}") and "out of range" in msg and allowed in msg, msg
+    assert f"(e.g. {name}=" in msg  # the fix: a value in range
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_backend_this_device_lacks_is_one_error_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    msg = _error(capsys, ["validate", "--backend=triton", *CPU_ARGV, f"--out_dir={tmp_path}/o"])
+    assert "--backend=triton" in msg and "--backend=auto" in msg
+
+
+def test_hadamard_needs_a_power_of_two_block(tmp_path, capsys):
+    msg = _error(capsys, ["train", "--structure=hadamard", "--block_size=100", f"--out_dir={tmp_path}/o"])
+    assert "--block_size=64 or 128" in msg

@@ -50,14 +50,17 @@ def test_table_marks_seeds_that_miss_the_target_and_judges_gaps_by_two_standard_
     for r in (late, close):
         r["vs_baseline"] = {key: vs_baseline(r, base, key) for key, _, _ in JUDGED}
     # sd 0.05 on both sides, n = 3: 2 SE = 2 sqrt(2 x 0.05^2 / 3) = 0.0816.
-    assert late["vs_baseline"]["final_val_loss"]["verdict"] == "larger"
+    assert late["vs_baseline"]["final_val_loss"]["verdict"] == "worse"
     assert close["vs_baseline"]["final_val_loss"]["two_se"] == pytest.approx(2 * math.sqrt(2 * 0.05**2 / 3))
     assert close["vs_baseline"]["final_val_loss"]["verdict"] == "within noise"
+    # Lower is better: a gap below -2 SE is an improvement, and says so.
+    ahead = agg("input", [(0, 1.8, 80, -20.0), (1, 1.9, 75, -16.7), (2, 1.85, 78, -17.9)])
+    assert vs_baseline(ahead, base, "final_val_loss")["verdict"] == "better"
     assert late["steps_to_target"] == 115 and late["steps_to_target_n"] == 2
     per_seed = {str(s): {"loss": x, "baseline_steps": t} for s, x, t in [(0, 2.0, 100), (1, 2.1, 90), (2, 2.05, 95)]}
     table = _table([base, late, close], {"baseline": "none", "per_seed": per_seed}, CompareConfig(), [0, 1, 2])
     assert "| layer | 3 | 2.2500 ± 0.0500 |" in table and "115.0 ± 7.1 (2/3 seeds reached)" in table
-    assert "- layer: val loss +0.2000 (2 SE 0.0816: larger)" in table
+    assert "- layer: val loss +0.2000 (2 SE 0.0816: worse)" in table
     assert "slowdown undetermined (target not reached in every seed)" in table
     assert "- global: val loss +0.0200 (2 SE 0.0816: within noise)" in table and "slowdown +1.8 % (2 SE" in table
 
@@ -161,9 +164,8 @@ def test_two_seeds_give_two_runs_per_entry_and_mean_std(tmp_path):
     verdict = glob["vs_baseline"]["final_val_loss"]
     two_se = 2 * math.sqrt(glob["final_val_loss_std"] ** 2 / 2 + base_row["final_val_loss_std"] ** 2 / 2)
     assert verdict["two_se"] == pytest.approx(two_se)
-    assert verdict["verdict"] == (
-        "larger" if abs(glob["final_val_loss"] - base_row["final_val_loss"]) > two_se else "within noise"
-    )
+    gap = glob["final_val_loss"] - base_row["final_val_loss"]
+    assert verdict["verdict"] == ("worse" if gap > two_se else "better" if gap < -two_se else "within noise")
     assert res["curves"]["none"] == [
         statistics.fmean(c) for c in zip(*(r["curve"] for r in res["runs"] if r["scope"] == "none"), strict=True)
     ]

@@ -129,14 +129,14 @@ def _error(capsys, argv) -> str:
     "args, match",
     [
         (["--switch_at=5", "--switch_to=diagonal"], "--switch_to='diagonal' is not one of adamw, none, global"),
-        (["--switch_at=-1", "--switch_to=global"], "--switch_at=-1 must lie in [0, steps=10)"),
+        (["--switch_at=-1", "--switch_to=global"], "--switch_at=-1 is out of range: it must be >= 0"),
         (["--switch_at=10", "--switch_to=global"], "--switch_at=10 must lie in [0, steps=10)"),
         (["--switch_to=global"], "--switch_to needs --switch_at"),
         (["--switch_at=5"], "--switch_at needs --switch_to"),
         (["--switch_at=5", "--switch_to=adamw", "--switch_state=keep"], "--switch_state='keep' is not one of"),
         (["--switch_at=5", "--switch_to=adamw", "--optimizer=sgdm"], "not sgdm"),
         (["--switch_at=5", "--switch_to=adamw", "--optimizer=adamw"], "what this run already uses (adamw)"),
-        (["--switch_at=5", "--switch_to=layer", "--rotation=layer"], "already uses (rotated-eager:layer)"),
+        (["--switch_at=5", "--switch_to=layer", "--rotation=layer"], "already uses (rotated-fused:layer)"),
     ],
 )
 def test_bad_switch_options_are_refused(tmp_path, capsys, args, match):

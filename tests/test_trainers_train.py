@@ -1,11 +1,13 @@
 import dataclasses
+import inspect
 import json
 
 import pytest
 import torch
 
+import rotkern
 from rotkern.trainers.common import TrainerError
-from rotkern.trainers.train import lr_at, train
+from rotkern.trainers.train import TrainConfig, lr_at, train
 
 from ._trainer_helpers import fast_config
 
@@ -105,3 +107,18 @@ def test_resume_refuses_a_checkpoint_from_another_scope_or_model(tmp_path, chang
             fast_config(tmp_path / "b", preset, **{"steps": 4, "rotation": "layer", **change}, resume=res["checkpoint"])
         )
     assert open(res["checkpoint"], "rb").read() == before
+
+
+def test_the_defaults_are_the_fused_optimizer_and_the_row_wise_embedding(tmp_path):
+    """The CLI's default optimizer is the fast one the README's results use; the embedding's output-wise units
+    are its tokens' rows (paper C.2), in the library as in the trainers."""
+    assert TrainConfig().optimizer == "rotated-fused" and TrainConfig().embedding == "as_linear"
+    for cls in (rotkern.RotatedAdamW, rotkern.RotatedSGD):
+        assert inspect.signature(cls).parameters["embedding"].default == "as_linear"
+    fused = rotkern.FusedRotatedAdamW([torch.nn.Parameter(torch.zeros(3, 2))], rotation="output")
+    assert fused.param_groups[0]["embedding"] == "as_linear"
+    cfg = fast_config(tmp_path, steps=3)
+    res = train(dataclasses.replace(cfg, optimizer=TrainConfig.optimizer))
+    assert type(res["optimizer"]) is rotkern.FusedRotatedAdamW
+    assert res["optimizer"].backend_used in ("ext", "eager")  # CPU tensors: the extension where it is built
+    assert res["optimizer"].param_groups[0]["embedding"] == "as_linear"

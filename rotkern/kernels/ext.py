@@ -15,8 +15,8 @@ such unit (4 bytes per coordinate of it), allocated once per thread and reused b
 gather of d coordinates misses the caches on every element, this way each pass streams (csrc/rotkern_ops.cpp).
 :func:`release_workspace` frees it. Rows and columns units need only two tile buffers per thread.
 
-The extension is optional: build it with ``make ext``. Today it has a CPU path only; CUDA tensors use the
-Triton kernels (``rotkern.kernels.rotated_adamw_step``).
+The extension is optional: build it with ``python -m rotkern.build_ext`` (``make ext`` in a checkout). Today it
+has a CPU path only; CUDA tensors use the Triton kernels (``rotkern.kernels.rotated_adamw_step``).
 """
 
 from __future__ import annotations

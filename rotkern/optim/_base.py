@@ -118,6 +118,8 @@ class RotatedOptimizerBase(Optimizer):
         shapes: recorded when the group is added; a parameter that changes shape afterwards is an error.
     """
 
+    understands_decay_mask = True  # param groups may carry a per-parameter decay_mask (param_groups_for)
+
     _moment_keys: tuple[str, ...] = ()
     # Whether the step implements the dynamic scopes (svd, eigen: the basis changes happen in the step).
     _supports_dynamic = False

@@ -241,6 +241,11 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
                     "; frozen params are left out of the others' rotations (checkpoints of older rotkern versions "
                     "record none): pass the group option frozen=[...] as saved to load it"
                 )
+            if key == "embedding":
+                hint = (
+                    f"; build the optimizer with embedding={sg.get(key)!r} to resume it (rotkern before 0.2 "
+                    "defaulted to 'transposed', the workshop text's B.1; now 'as_linear', paper C.2)"
+                )
             if key == "shard_layout":
                 hint = (
                     f"; rotation={g.get('rotation')!r} with shard_mode='local' rotates each rank's shard (rotkern."

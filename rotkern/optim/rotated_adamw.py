@@ -61,7 +61,8 @@ class RotatedAdamW(RotatedOptimizerBase):
             (randomized Walsh-Hadamard ``H D / sqrt(n)``, applied in O(n log n) per block by the eager step; needs a
             power-of-two ``block_size``; tails split into power-of-two blocks). Every backend runs both.
         split_qkv: rotate the thirds of fused QKV weights (role ``qkv``) as separate layers.
-        embedding: ``transposed`` (paper B.1) or ``as_linear``; see :mod:`rotkern.scopes`.
+        embedding: ``as_linear`` (each token's row, paper C.2; the default) or ``transposed`` (paper B.1);
+            see :mod:`rotkern.scopes`.
         vectors: policy for 1-D params: ``auto`` | ``rotate`` | ``none``.
         svd_every: F, the steps between SVD basis recomputes of ``rotation="svd"`` (default 250, the
             paper's, after GaLore); a positive int. Ignored by the other scopes.
@@ -117,7 +118,7 @@ class RotatedAdamW(RotatedOptimizerBase):
         seed: int = 0,
         structure: str = "haar",
         split_qkv: bool = True,
-        embedding: str = "transposed",
+        embedding: str = "as_linear",
         vectors: str = "auto",
         svd_every: int = 250,
         precondition_every: int = 10,

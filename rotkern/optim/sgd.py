@@ -43,7 +43,7 @@ class RotatedSGD(RotatedOptimizerBase):
         seed: int = 0,
         structure: str = "haar",
         split_qkv: bool = True,
-        embedding: str = "transposed",
+        embedding: str = "as_linear",
         vectors: str = "auto",
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:

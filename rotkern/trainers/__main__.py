@@ -1,4 +1,4 @@
-"""``python -m rotkern.trainers <command> [--key=value ...]`` (also the ``rotkern`` console script).
+"""python -m rotkern.trainers <command> [--key=value ...] (also the rotkern console script).
 
 Commands: quadratic (Figure 4 in miniature), train (one run), compare (Figure 1 in miniature: one model under
 several rotation scopes), validate (eager against fused RotatedAdamW on identical batches), analyze (the paper's
@@ -8,7 +8,6 @@ metrics on checkpoints: update orthogonality, gradient bound, second moments, He
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from .common import TrainerError, add_config_args, config_from_args
@@ -28,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="rotkern", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quadratic", help="Figure 4 in miniature: Adam vs rotated Adam vs SGD-M on a quadratic")
+    text = "Figure 4 in miniature: Adam, rotated Adam and SGD-M on an ill-conditioned quadratic, aligned and rotated"
+    q = sub.add_parser("quadratic", help=text, description=text)
     add_config_args(q, QuadraticConfig)
     commands = {
         "train": (TrainConfig, "one training run (GPT / SimpleViT / ResNet); --preset=" + "|".join(PRESETS)),
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quadratic":
             from .quadratic import main as quadratic_main
 
-            cfg = QuadraticConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuadraticConfig)})
-            quadratic_main(cfg)
+            quadratic_main(config_from_args(QuadraticConfig, args))
             return 0
         if args.command == "analyze":
             from .analyze import analyze

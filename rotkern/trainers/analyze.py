@@ -55,7 +55,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -63,7 +63,7 @@ from .. import metrics as M
 from ..optim import RotatedAdamW, from_adamw_state
 from ..optim._base import RotatedOptimizerBase
 from ..scopes import param_groups_for
-from .common import TrainerError
+from .common import Range, TrainerError
 from .train import (
     Setup,
     TrainConfig,
@@ -117,6 +117,12 @@ class AnalyzeConfig:
     # trains N more optimizer steps and the update-orthogonality CV is logged after every step (the paper's
     # protocol, Sec. 4.2); an integer >= 0, 0 = off. Runs without Adam moments (sgdm, muon) get no trajectory.
     resume_steps: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "batches": Range(1), "hessian_rows": Range(0), "hvp_batches": Range(1), "hessian_seed": Range(0),
+        "bins": Range(1), "v_log10_min": Range(), "v_log10_max": Range(), "approx_tol": Range(0),
+        "resume_steps": Range(0),
+    }  # fmt: skip
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
@@ -463,6 +469,7 @@ def hessian(run: Run, acfg: AnalyzeConfig, label: str) -> dict:
     rand /= rand.norm()
     upd = torch.cat([t.reshape(-1).double().cpu() for t in M.to_rotated_basis(run.mopt, update_delta(run, acfg))])
     out_rows = []
+    parts = {"split_qkv": run.cfg.split_qkv, "embedding": run.cfg.embedding}  # the run's own layer boundaries
     for r, i in enumerate(ids):
         row = rows[r].cpu()
         pos = layout.locate(i)
@@ -474,8 +481,8 @@ def hessian(run: Run, acfg: AnalyzeConfig, label: str) -> dict:
                 "col": pos.col,
                 "l1": row.abs().double().sum().item(),
                 "diagonal": row[i].item(),
-                "random_dw": M.row_partition(row, rand, i, layout),
-                "update_dw": M.row_partition(row, upd, i, layout),
+                "random_dw": M.row_partition(row, rand, i, layout, **parts),
+                "update_dw": M.row_partition(row, upd, i, layout, **parts),
             }
         )
     return {
@@ -938,7 +945,155 @@ def summary_md(a: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _by_scope(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped by scope (and model, where several are analysed), in order of appearance: one colour each."""
+    models = len({r["model"] for r in runs}) > 1
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(f"{r['model']} {r['scope']}" if models else r["scope"], []).append(r)
+    return groups
+
+
+def _colours(names: Iterable[str], plt) -> dict[str, Any]:
+    names = list(names)
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {n: cmap(k % cmap.N) for k, n in enumerate(names)}
+
+
+def _seeds_text(groups: dict[str, list[dict]]) -> str:
+    counts = sorted({len(g) for g in groups.values()})
+    n = "/".join(map(str, counts))
+    return f"{n} seed{'s' if counts != [1] else ''} per scope" + ("; mean ± std over seeds" if counts[-1] > 1 else "")
+
+
+def _plot_cv_by_layer(runs: list[dict], model: str, plt):
+    groups = _by_scope(runs)
+    colours = _colours(groups, plt)
+    types = list(dict.fromkeys(t for r in runs for t in r["orthogonality"]["per_layer_type"]))
+    fig, ax = plt.subplots(figsize=(min(max(7.0, 0.16 * len(types) * len(groups) + 2.5), 14.0), 4.8))
+    width = 0.8 / len(groups)
+    for k, (name, rs) in enumerate(groups.items()):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(types))]
+        per_seed = [[_type_cv(r, t) for r in rs] for t in types]
+        means = [_nanmean(v) for v in per_seed]
+        errs = [_nanstd(v) if len(rs) > 1 else 0.0 for v in per_seed]
+        ax.bar(xs, means, width, yerr=errs if len(rs) > 1 else None, capsize=2, label=name, color=colours[name],
+               error_kw={"lw": 0.8})  # fmt: skip
+    ax.set_xticks(range(len(types)), types, rotation=30 if max(map(len, types)) > 4 else 0, ha="right")
+    ax.set(xlabel="layer type", ylabel="CV of the singular values of A\n(mean over depth; dimensionless)")
+    ax.set_title(f"{model}: update orthogonality per layer type, lower = closer to orthogonal\n"
+                 f"({_seeds_text(groups)})", fontsize=10)  # fmt: skip
+    ax.legend(fontsize=8, title="scope", title_fontsize=8, ncol=min(len(groups), 5))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _type_cv(r: dict, t: str) -> float:
+    per = r["orthogonality"]["per_layer_type"]
+    return per[t]["cv"] if t in per and per[t]["cv"] is not None else math.nan
+
+
+def _nanmean(xs: list[float]) -> float:
+    ok = [x for x in xs if not math.isnan(x)]
+    return sum(ok) / len(ok) if ok else math.nan
+
+
+def _nanstd(xs: list[float]) -> float:
+    ok = [x for x in xs if not math.isnan(x)]
+    if len(ok) < 2:
+        return 0.0
+    m = sum(ok) / len(ok)
+    return math.sqrt(sum((x - m) ** 2 for x in ok) / (len(ok) - 1))
+
+
+def _plot_cv_trajectory(truns: list[dict], model: str, plt):
+    groups = _by_scope(truns)
+    colours = _colours(groups, plt)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, rs in groups.items():
+        c = colours[name]
+        for r in rs:  # each seed faint, its checkpoint's own CV as an open circle
+            traj = r["cv_trajectory"]
+            ax.plot([t["step"] for t in traj], [math.nan if t["cv"] is None else t["cv"] for t in traj], lw=0.8,
+                    alpha=0.35 if len(rs) > 1 else 1.0, color=c)  # fmt: skip
+            if r["orthogonality"]:
+                ax.plot([r["step"]], [r["orthogonality"]["run"]["cv"]], "o", mfc="none", color=c, alpha=0.6)
+        if len(rs) > 1 and len({len(r["cv_trajectory"]) for r in rs}) == 1:
+            steps = [t["step"] for t in rs[0]["cv_trajectory"]]
+            mean = [_nanmean([math.nan if r["cv_trajectory"][i]["cv"] is None else r["cv_trajectory"][i]["cv"]
+                              for r in rs]) for i in range(len(steps))]  # fmt: skip
+            ax.plot(steps, mean, lw=2.0, color=c, label=f"{name} (mean of {len(rs)})")
+        else:
+            ax.plot([], [], lw=1.5, color=c, label=name)
+    ax.set(xlabel="training step", ylabel="mean CV of the singular values of A\n(over the matrices; dimensionless)")
+    n = max(len(r["cv_trajectory"]) for r in truns)
+    ax.set_title(f"{model}: update-orthogonality CV after each of {n} steps resumed from each checkpoint\n"
+                 f"(thin: one seed; open circle: the checkpoint's own CV; {_seeds_text(groups)})",
+                 fontsize=9)  # fmt: skip
+    ax.legend(fontsize=8, title="scope", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_v_hist(vruns: list[dict], model: str, plt):
+    groups = _by_scope(vruns)
+    colours = _colours(groups, plt)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    used, edges = [], None
+    for name, rs in groups.items():
+        fractions = []
+        for r in rs:
+            sm = r["second_moment"]
+            edges = [10.0**e for e in sm["edges"]]
+            counts = sm["pooled"]["counts"]
+            total = max(sum(counts), 1)
+            fractions.append([c / total for c in counts])
+            used += [i for i, c in enumerate(counts) if c]
+            if len(rs) > 1:
+                ax.stairs(fractions[-1], edges, lw=0.6, alpha=0.35, color=colours[name])
+        mean = [sum(col) / len(col) for col in zip(*fractions, strict=True)]
+        label = f"{name} (mean of {len(rs)})" if len(rs) > 1 else name
+        ax.stairs(mean, edges, lw=1.8, color=colours[name], label=label)
+    ax.set_xscale("log")
+    if used and edges:  # zoom on the occupied bins
+        ax.set_xlim(edges[max(min(used) - 1, 0)], edges[min(max(used) + 2, len(edges) - 1)])
+    ax.set(xlabel="v (raw exp_avg_sq in the optimizer's basis; squared gradient units)",
+           ylabel="fraction of entries per bin")  # fmt: skip
+    ax.set_title(f"{model}: distribution of Adam's second moment v at the checkpoint\n"
+                 f"(thin: one seed; {_seeds_text(groups)})", fontsize=10)  # fmt: skip
+    ax.legend(fontsize=8, title="scope", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_delta(points: list[dict], runs: list[dict], model: str, plt):
+    scope_of = {r["label"]: (f"{r['model']} {r['scope']}" if len({x["model"] for x in runs}) > 1 else r["scope"])
+                for r in runs}  # fmt: skip
+    names = list(dict.fromkeys(scope_of.get(p["label"], p["label"]) for p in points))
+    colours = _colours(names, plt)
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for name in names:
+        mine = [p for p in points if scope_of.get(p["label"], p["label"]) == name]
+        ax.scatter([p["delta_cv"] for p in mine], [p["delta_loss"] for p in mine], color=colours[name],
+                   label=f"{name} ({len(mine)} seed{'s' if len(mine) > 1 else ''})")  # fmt: skip
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.axvline(0, color="gray", lw=0.5)
+    loss = " / ".join(dict.fromkeys(p["loss_kind"] for p in points))
+    base = " / ".join(dict.fromkeys(p["baseline"] for p in points))
+    ax.set(xlabel=f"Δ mean CV (run − '{base}', same seed; dimensionless)",
+           ylabel=f"Δ final {loss} (run − '{base}', nats)")  # fmt: skip
+    ax.set_title(f"{model}: Δ{loss} vs ΔCV relative to '{base}' (paper Fig. 11)", fontsize=10)
+    ax.legend(fontsize=8, title="scope", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot(a: dict, out: Path) -> list[str]:
+    """The PNG figures of an analysis (one colour per scope, seeds averaged); returns the files written."""
     try:
         import matplotlib
 
@@ -947,81 +1102,19 @@ def plot(a: dict, out: Path) -> list[str]:
     except ImportError:
         print("note: matplotlib is not installed; no figures (pip install matplotlib)")
         return []
-    runs = [r for r in a["runs"] if r["orthogonality"]]
     model = ", ".join(dict.fromkeys(r["model"] for r in a["runs"]))
     written = []
+    runs = [r for r in a["runs"] if r["orthogonality"]]
     if runs:
-        types = list(dict.fromkeys(t for r in runs for t in r["orthogonality"]["per_layer_type"]))
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(types) * max(len(runs), 2) / 2 + 2), 4.5))
-        width = 0.8 / len(runs)
-        for k, r in enumerate(runs):
-            per = r["orthogonality"]["per_layer_type"]
-            xs = [i - 0.4 + width * (k + 0.5) for i in range(len(types))]
-            ys = [per[t]["cv"] if t in per and per[t]["cv"] is not None else math.nan for t in types]
-            ax.bar(xs, ys, width, label=r["label"])
-        ax.set_xticks(range(len(types)), types, rotation=30 if max(map(len, types)) > 4 else 0, ha="right")
-        ax.set(xlabel="layer type", ylabel="CV of singular values of A (mean over depth)")
-        ax.set_title(f"{model}: update orthogonality per layer type (lower = closer to orthogonal)")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        written.append(_save(fig, out / "cv_by_layer.png", plt))
+        written.append(_save(_plot_cv_by_layer(runs, model, plt), out / "cv_by_layer.png", plt))
     truns = [r for r in a["runs"] if r.get("cv_trajectory")]
     if truns:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in truns:
-            traj = r["cv_trajectory"]
-            xs = [t["step"] for t in traj]
-            ys = [math.nan if t["cv"] is None else t["cv"] for t in traj]
-            (line,) = ax.plot(xs, ys, lw=1.5, marker="." if len(xs) <= 50 else None, label=r["label"])
-            if r["orthogonality"]:  # where the trajectory starts from: the checkpoint's own CV
-                ax.plot([r["step"]], [r["orthogonality"]["run"]["cv"]], "o", mfc="none", color=line.get_color())
-        ax.set(xlabel="training step", ylabel="mean CV of singular values of A over the matrices")
-        n = max(len(r["cv_trajectory"]) for r in truns)
-        ax.set_title(
-            f"{model}: update-orthogonality CV after each of {n} training steps\n"
-            "resumed from each checkpoint (open circle: the checkpoint's own CV)",
-            fontsize=10,
-        )
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(_save(fig, out / "cv_trajectory.png", plt))
+        written.append(_save(_plot_cv_trajectory(truns, model, plt), out / "cv_trajectory.png", plt))
     vruns = [r for r in a["runs"] if r["second_moment"]]
     if vruns:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        used = []
-        for r in vruns:
-            sm = r["second_moment"]
-            edges = [10.0**e for e in sm["edges"]]
-            counts = sm["pooled"]["counts"]
-            total = max(sum(counts), 1)
-            ax.stairs([c / total for c in counts], edges, label=r["label"], lw=1.5)
-            used += [i for i, c in enumerate(counts) if c]
-        ax.set_xscale("log")
-        if used:  # zoom on the occupied bins
-            ax.set_xlim(edges[max(min(used) - 1, 0)], edges[min(max(used) + 2, len(edges) - 1)])
-        ax.set(xlabel="v (raw exp_avg_sq, optimizer basis)", ylabel="fraction of entries per bin")
-        ax.set_title(f"{model}: distribution of Adam's second moment v at the checkpoint")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(_save(fig, out / "v_hist.png", plt))
-    points = a["delta_points"]
-    if points:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for p in points:
-            ax.scatter(p["delta_cv"], p["delta_loss"])
-            xy = (p["delta_cv"], p["delta_loss"])
-            ax.annotate(p["label"], xy, fontsize=8, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(0, color="gray", lw=0.5)
-        ax.axvline(0, color="gray", lw=0.5)
-        loss = " / ".join(dict.fromkeys(p["loss_kind"] for p in points))
-        base = " / ".join(dict.fromkeys(p["baseline"] for p in points))
-        ax.set(xlabel=f"Δ mean CV (run − '{base}')", ylabel=f"Δ final {loss} (run − '{base}')")
-        ax.set_title(f"{model}: Δ{loss} vs ΔCV relative to '{base}' (paper Fig. 11)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        written.append(_save(_plot_v_hist(vruns, model, plt), out / "v_hist.png", plt))
+    if a["delta_points"]:
+        fig = _plot_delta(a["delta_points"], a["runs"], model, plt)
         written.append(_save(fig, out / "delta_loss_vs_delta_cv.png", plt))
     return written
 

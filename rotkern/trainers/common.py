@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -72,6 +73,47 @@ def add_config_args(parser: argparse.ArgumentParser, cfg_cls, *, suppress: bool 
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: ``lo <= x`` (``lo < x`` with ``open_lo``) and ``x <= hi`` (``x < hi``
+    with ``open_hi``); ``None`` leaves that side unbounded. Floats must also be finite. A config class lists its
+    options' ranges in ``RANGES``; :func:`check_ranges` refuses a value outside with the option's name."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def holds(self, x: float) -> bool:
+        # Written as the conditions that must hold, so that NaN (all comparisons false) fails them.
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        low = self.lo is None or (x > self.lo if self.open_lo else x >= self.lo)
+        high = self.hi is None or (x < self.hi if self.open_hi else x <= self.hi)
+        return low and high
+
+    def text(self) -> str:
+        lo, hi = (None if b is None else f"{b:g}" if isinstance(b, float) else str(b) for b in (self.lo, self.hi))
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.open_lo else '['}{lo}, {hi}{')' if self.open_hi else ']'}"
+        if lo is not None:
+            return f"{'>' if self.open_lo else '>='} {lo}"
+        return f"{'<' if self.open_hi else '<='} {hi}" if hi is not None else "finite"
+
+
+def check_ranges(cfg) -> None:
+    """TrainerError naming the first option of ``cfg`` outside its class's ``RANGES``: the value, the range and
+    the option's default as the fix (one line, as the CLI prints it)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name, allowed in getattr(cfg, "RANGES", {}).items():
+        value = getattr(cfg, name)
+        if not allowed.holds(value):
+            raise TrainerError(
+                f"--{name}={value!r} is out of range: it must be {allowed.text()} "
+                f"(e.g. --{name}={defaults[name]!r}, the default)"
+            )
+
+
 @functools.cache
 def field_comments(cfg_cls) -> dict[str, str]:
     """Field name -> its comment in the source of the dataclass (and of its dataclass bases), '%' escaped for
@@ -125,7 +167,9 @@ def config_from_args(cfg_cls, args: argparse.Namespace, presets: dict[str, dict]
             raise TrainerError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(presets or {}))}")
         values.update(presets[preset])
     values.update(given)
-    return cfg_cls(**values)
+    cfg = cfg_cls(**values)
+    check_ranges(cfg)
+    return cfg
 
 
 # -- log header ----------------------------------------------------------------------------------------

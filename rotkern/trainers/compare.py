@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..scopes import ALL_SCOPES
-from .common import TrainerError, _parse_bool, ema, field_types
+from .common import Range, TrainerError, _parse_bool, ema, field_types
 from .train import TrainConfig, check_config, load_checkpoint, parse_types, train
 
 BASELINES = ("adamw", "muon", "soap", "sgdm")
@@ -114,6 +114,7 @@ class CompareConfig(TrainConfig):
     eval_every: int = 100
     out_dir: str = "runs/compare"
     print_every: int = 0  # per-run console lines; compare prints its own progress
+    RANGES: ClassVar[dict[str, Range]] = {**TrainConfig.RANGES, "ema": Range(0, 1, open_hi=True)}
 
 
 def parse_seeds(spec: str, seed: int) -> list[int]:
@@ -355,7 +356,8 @@ def aggregate(scope: str, seed_rows: list[dict]) -> dict:
 
 
 def vs_baseline(row: dict, base: dict, key: str) -> dict:
-    """Welch-style check of ``row[key] - base[key]``: "larger" when |difference| > 2 SE with
+    """Welch-style check of ``row[key] - base[key]`` (a loss: lower is better): "worse" when the difference is
+    above 2 SE, "better" when below -2 SE, with
     SE = sqrt(sd_a^2 / n_a + sd_b^2 / n_b) over the seeds where both are defined, else "within noise";
     "undetermined" below two seeds, or when a run misses its target in some seeds (the means would cover
     different seeds). Unpaired, so conservative: the runs of one seed share init and batches."""
@@ -366,7 +368,12 @@ def vs_baseline(row: dict, base: dict, key: str) -> dict:
     if n_a < 2 or n_b < 2 or n_a < row["n"] or n_b < base["n"]:
         return {"diff": diff, "two_se": None, "verdict": "undetermined"}
     two_se = 2.0 * math.sqrt(row[f"{key}_std"] ** 2 / n_a + base[f"{key}_std"] ** 2 / n_b)
-    return {"diff": diff, "two_se": two_se, "verdict": "larger" if abs(diff) > two_se else "within noise"}
+    return {"diff": diff, "two_se": two_se, "verdict": verdict(diff, two_se)}
+
+
+def verdict(diff: float, two_se: float) -> str:
+    """A gap to the baseline in a lower-is-better quantity (loss, slowdown), judged against 2 SE."""
+    return "worse" if diff > two_se else "better" if diff < -two_se else "within noise"
 
 
 # -- runs on disk ----------------------------------------------------------------------------------------
@@ -759,7 +766,8 @@ def _judgement(rows: list[dict], baseline: str, n: int) -> str:
             "under K seeds and says which gaps exceed 2 standard errors."
         )
     lines = [
-        f"\nDifferences from '{baseline}' (run − baseline): 'larger' = |difference| > 2 SE, "
+        f"\nDifferences from '{baseline}' (run − baseline; lower is better): 'worse' / 'better' = above +2 SE / "
+        "below −2 SE, "
         "SE = sqrt(sd_run²/n + sd_baseline²/n) (Welch-style, unpaired: conservative, as the runs of a seed share init "
         "and batches); 'within noise' = not distinguishable from seed-to-seed variation at this scale."
     ]
@@ -778,8 +786,7 @@ def _judgement(rows: list[dict], baseline: str, n: int) -> str:
         if sd_mean is not None and sd_n == r["n"] and sd_n >= 2:
             # The baseline's own slowdown is 0 % in every seed, so its SE term vanishes.
             two_se = 2.0 * r["slowdown_pct_std"] / math.sqrt(sd_n)
-            verdict = "larger" if abs(sd_mean) > two_se else "within noise"
-            parts.append(f"slowdown {sd_mean:+.1f} % (2 SE {two_se:.1f} %: {verdict})")
+            parts.append(f"slowdown {sd_mean:+.1f} % (2 SE {two_se:.1f} %: {verdict(sd_mean, two_se)})")
         else:
             parts.append("slowdown undetermined (target not reached in every seed)")
         lines.append(f"- {r['scope']}: " + "; ".join(parts))
@@ -873,7 +880,7 @@ def _sweep_table(cfg: CompareConfig, key: str, groups: list[dict], seeds: list[i
     lines = [
         f"Sweep of {key}: {what} at the last step, mean ± sample std over n = {len(seeds)} seeds "
         f"({', '.join(map(str, seeds))}); Δ = difference from that value's baseline, with the 2-SE verdict "
-        "('larger' = |Δ| > 2 SE; see below).",
+        "('worse' / 'better' = Δ above +2 SE / below −2 SE; see below).",
         "",
         head,
         "|" + "---|" * (len(entries) + 1),

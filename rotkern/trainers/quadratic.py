@@ -12,11 +12,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
 from ..optim import RotatedAdamW
-from ..rotations import haar_orthogonal
+from ..rotations import MAX_BLOCK_SIZE, haar_orthogonal
+from .common import Range, check_ranges
 
 
 @dataclass
@@ -30,6 +32,12 @@ class QuadraticConfig:
     seed: int = 0  # seeds the problem and the optimizer rotation
     out_dir: str = "runs/quadratic"  # where the table and the trajectory plot go
     plot: bool = True  # write trajectories.png (needs matplotlib)
+
+    # dim is also the rotation's block size (one Haar block over the whole problem)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "dim": Range(1, MAX_BLOCK_SIZE), "condition": Range(1), "steps": Range(1), "adam_lr": Range(0, open_lo=True),
+        "sgdm_lr": Range(0, open_lo=True), "momentum": Range(0, 1, open_hi=True), "seed": Range(0, 2**63 - 1),
+    }  # fmt: skip
 
 
 def _problem(dim: int, condition: float, rotate: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,6 +96,7 @@ def run_one(name: str, h: torch.Tensor, x_star: torch.Tensor, x0: torch.Tensor, 
 
 
 def main(cfg: QuadraticConfig) -> dict:
+    check_ranges(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     print(f"quadratic: dim={cfg.dim} condition={cfg.condition:g} steps={cfg.steps} seed={cfg.seed}")
     table = {}

@@ -25,16 +25,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..bases import BASIS_CHANGES
-from ..rotations import STRUCTURES
+from ..rotations import MAX_BLOCK_SIZE, STRUCTURES, check_structure
 from ..scopes import ALL_SCOPES, DYNAMIC_SCOPES, EMBEDDING_ORIENTATIONS, VECTOR_POLICIES, param_groups_for
-from .common import JsonlLog, TrainerError, atomic_save, header
+from .common import JsonlLog, Range, TrainerError, atomic_save, check_ranges, header
 from .data import (
     BatchLoader,
     ImageData,
@@ -65,7 +65,9 @@ CHECKPOINT_FORMAT = 1
 
 @dataclass
 class TrainConfig:
-    preset: str = ""  # start from a preset (see PRESETS), then apply the other options
+    # start from a preset, then apply the other options: tiny (= gpt-tiny, the defaults) | vit-tiny | resnet-tiny
+    # (CPU-sized) | gpt2-124m | vit-s16 | resnet50 (the paper's setups, App. B.2)
+    preset: str = ""
     # --- model and data
     model: str = "gpt-tiny"  # gpt2-124m | gpt-tiny | vit-s16 | vit-tiny | resnet50 | resnet18 | resnet-tiny
     data: str = ""  # "" = embedded (stdlib text / digits or synthetic images); file, folder, train.bin+val.bin folder
@@ -77,14 +79,14 @@ class TrainConfig:
     # --- optimizer
     # adamw (torch) | rotated-eager (RotatedAdamW) | rotated-fused | sgdm (torch) | rotated-sgdm (RotatedSGD) |
     # muon (Muon on hidden matrices + AdamW, Alg 6) | soap (RotatedAdamW, rotation=eigen with SOAP's basis options)
-    optimizer: str = "rotated-eager"
+    optimizer: str = "rotated-fused"
     rotation: str = "global"  # none | global | layer | output | input | svd | eigen
     block_size: int = 768  # Haar block size n (the paper's)
     structure: str = "haar"  # rotation blocks: haar (the paper's) | hadamard (randomized Walsh-Hadamard; 2^k blocks)
-    # embedding orientation: transposed (paper B.1: the (vocab, dim) table is transposed before rotating, so
-    # output-wise rotates each length-vocab column, one per embedding dimension) | as_linear (C.2's "within
-    # weights of a same token": output-wise rotates each token's row, as for the tied lm_head)
-    embedding: str = "transposed"
+    # embedding orientation: as_linear (C.2's "within weights of a same token": output-wise rotates each token's
+    # row, as for the tied lm_head) | transposed (the workshop text's B.1: the (vocab, dim) table is transposed
+    # before rotating, so output-wise rotates each length-vocab column, one per embedding dimension)
+    embedding: str = "as_linear"
     split_qkv: bool = True  # rotate the q, k, v thirds of a fused QKV weight as separate layers (paper B.1)
     # 1-D params (norm weights, biases): auto (join the global vector, their own vector under layer, unrotated
     # under output / input) | rotate (also rotated under output / input) | none (never rotated)
@@ -140,6 +142,19 @@ class TrainConfig:
     save: bool = True  # write a checkpoint at the end
     out_dir: str = "runs/train"  # folder for log.jsonl and ckpt.pt; an existing run there is never overwritten
     resume: str = ""  # checkpoint (or run folder with ckpt.pt) to continue; saves replace it, the log goes beside it
+
+    # The numeric options' allowed values (rotkern.trainers.common.Range); the CLI refuses others in one line.
+    RANGES: ClassVar[dict[str, Range]] = {
+        "data_max_bytes": Range(1), "workers": Range(-1), "prefetch": Range(1), "context": Range(0),
+        "block_size": Range(1, MAX_BLOCK_SIZE), "svd_every": Range(1), "precondition_every": Range(1),
+        "shampoo_beta": Range(0, 1, open_hi=True), "max_precond_dim": Range(1),
+        "lr": Range(0, open_lo=True), "min_lr": Range(0), "warmup_steps": Range(0), "decay_steps": Range(0),
+        "beta1": Range(0, 1, open_hi=True), "beta2": Range(0, 1, open_hi=True), "eps": Range(0, open_lo=True),
+        "weight_decay": Range(0), "momentum": Range(0, 1, open_hi=True), "grad_clip": Range(0),
+        "switch_at": Range(0), "steps": Range(1), "stop_step": Range(0), "batch_size": Range(1),
+        "grad_accum": Range(1), "seed": Range(0, 2**63 - 1), "eval_every": Range(0), "eval_batches": Range(0),
+        "print_every": Range(0), "save_every": Range(0),
+    }  # fmt: skip
 
 
 # Each preset is a set of overrides on top of the defaults (the defaults are the CPU `tiny` run).
@@ -221,15 +236,15 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         raise TrainerError(
             f"--state_dtype={cfg.state_dtype} sets rotated AdamW's moments; --optimizer={cfg.optimizer} does not use it"
         )
-    for key in ("steps", "batch_size", "grad_accum", "svd_every", "precondition_every", "max_precond_dim"):
-        if getattr(cfg, key) < 1:
-            raise TrainerError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
+    check_ranges(cfg)
+    try:
+        check_structure(cfg.structure, cfg.block_size, "--structure")
+    except ValueError as e:
+        raise TrainerError(str(e).replace("block_size=", "--block_size=")) from None
     if cfg.grad_accum % world:
         raise TrainerError(f"--grad_accum={cfg.grad_accum} is not a multiple of the world size {world}")
     if cfg.stop_step < 0 or cfg.stop_step > cfg.steps:
         raise TrainerError(f"--stop_step={cfg.stop_step} must lie in [0, steps={cfg.steps}]")
-    if cfg.workers < -1 or cfg.prefetch < 1:
-        raise TrainerError(f"--workers={cfg.workers} must be >= -1 and --prefetch={cfg.prefetch} >= 1")
     check_switch(cfg)
     rotated_types(cfg)
     if cfg.fsdp:
@@ -438,9 +453,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """TrainerError, before any work, when --backend cannot run on ``device`` (the optimizer would raise at its
+    first step)."""
+    from .._backend import resolve_backend
+
+    try:
+        resolve_backend(backend, torch.empty(0, device=device))
+    except (RuntimeError, ValueError) as e:
+        raise TrainerError(
+            f"--backend={backend}: {e}; use --backend=auto (the fastest one this device has) or another --device"
+        ) from None
+
+
 def make_setup(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> Setup:
     check_config(cfg, world)
     device = resolve_device(cfg.device, local_rank)
+    if cfg.optimizer == "rotated-fused":
+        check_backend(cfg.backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32

@@ -217,7 +217,7 @@ def test_backend_resolution(monkeypatch, caplog):
     monkeypatch.delenv("ROTKERN_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_backend, "_logged", set())
-    unbuilt = "needs the compiled extension rotkern._C, which is not built (make ext)"
+    unbuilt = "needs the compiled extension rotkern._C, which is not built (build it with: python -m rotkern.build_ext)"
     monkeypatch.setattr(_backend, "_ext_import_error", lambda: unbuilt)
     cpu = torch.zeros(1)
     assert not can_run_triton(cpu)
