@@ -50,8 +50,8 @@ test-cpu: $(BIN)/.installed
 
 # Every kernel variant the launcher produces for GPT-2 124M, ViT-S/16 and ResNet-50 (all scopes, fp32/bf16, all
 # precisions), compiled for sm_90 and sm_80 without a GPU; fails on a compile error, a register spill (bar the few
-# the test tolerates, printed) or too much shared memory, and prints registers, spills, shared memory and
-# occupancy per variant (~2 min on 2 cores).
+# the test tolerates, noted) or too much shared memory; registers, spills, shared memory and occupancy per
+# variant go to runs/compile/*.md, a line per table to the console (~2 min on 2 cores).
 test-compile: $(BIN)/.installed
 	$(BIN)/pytest -q -s -m compile tests/kernels/test_kernel_compile.py
 

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 import statistics
 
@@ -97,7 +98,8 @@ def test_compare_writes_table_plot_and_runs(tmp_path, capsys):
     )
     res = compare(cfg)
     out = capsys.readouterr().out
-    assert "[4/4 global seed 1] step     8/8" in out and "| scope | n |" in out
+    assert re.search(r"\[4/4 global seed 1\] 8 steps loss \d\.\d{4} val \d\.\d{4} \(", out) and "| scope | n |" in out
+    assert len([line for line in out.splitlines() if "steps loss" in line]) == 4  # one line per run
     assert [r["scope"] for r in res["rows"]] == ["none", "global"]
     assert res["rows"][0]["slowdown_pct"] == pytest.approx(0.0)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -62,7 +62,7 @@ import torch
 from .. import metrics as M
 from ..optim import RotatedAdamW, from_adamw_state
 from ..optim._base import RotatedOptimizerBase
-from ..scopes import param_groups_for
+from ..scopes import ALL_SCOPES, param_groups_for
 from .common import Range, TrainerError
 from .train import (
     Setup,
@@ -948,10 +948,17 @@ def summary_md(a: dict) -> str:
 def _by_scope(runs: list[dict]) -> dict[str, list[dict]]:
     """Runs grouped by scope (and model, where several are analysed), in order of appearance: one colour each."""
     models = len({r["model"] for r in runs}) > 1
+    # Fig. 1's order (none, output, input, layer, global), then the other scopes and baselines as they come.
+    paper = ("none", "output", "input", "layer", "global")
+    order = {s: k for k, s in enumerate(dict.fromkeys((*paper, *ALL_SCOPES)))}
     groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(f"{r['model']} {r['scope']}" if models else r["scope"], []).append(r)
+    for r in sorted(runs, key=lambda r: (r["model"], order.get(r["scope"].split()[0], len(order)))):
+        groups.setdefault(_scope_name(r, models), []).append(r)
     return groups
+
+
+def _scope_name(r: dict, models: bool) -> str:
+    return f"{r['model']} {r['scope']}" if models else r["scope"]
 
 
 def _colours(names: Iterable[str], plt) -> dict[str, Any]:
@@ -960,15 +967,15 @@ def _colours(names: Iterable[str], plt) -> dict[str, Any]:
     return {n: cmap(k % cmap.N) for k, n in enumerate(names)}
 
 
-def _seeds_text(groups: dict[str, list[dict]]) -> str:
+def _seeds_text(groups: dict[str, list[dict]], spread: bool = True) -> str:
     counts = sorted({len(g) for g in groups.values()})
     n = "/".join(map(str, counts))
-    return f"{n} seed{'s' if counts != [1] else ''} per scope" + ("; mean ± std over seeds" if counts[-1] > 1 else "")
+    how = "; mean ± std over seeds" if spread else "; bold: mean over seeds"
+    return f"{n} seed{'s' if counts != [1] else ''} per scope" + (how if counts[-1] > 1 else "")
 
 
-def _plot_cv_by_layer(runs: list[dict], model: str, plt):
+def _plot_cv_by_layer(runs: list[dict], model: str, plt, colours: dict):
     groups = _by_scope(runs)
-    colours = _colours(groups, plt)
     types = list(dict.fromkeys(t for r in runs for t in r["orthogonality"]["per_layer_type"]))
     fig, ax = plt.subplots(figsize=(min(max(7.0, 0.16 * len(types) * len(groups) + 2.5), 14.0), 4.8))
     width = 0.8 / len(groups)
@@ -983,10 +990,20 @@ def _plot_cv_by_layer(runs: list[dict], model: str, plt):
     ax.set(xlabel="layer type", ylabel="CV of the singular values of A\n(mean over depth; dimensionless)")
     ax.set_title(f"{model}: update orthogonality per layer type, lower = closer to orthogonal\n"
                  f"({_seeds_text(groups)})", fontsize=10)  # fmt: skip
-    ax.legend(fontsize=8, title="scope", title_fontsize=8, ncol=min(len(groups), 5))
+    top = max((m + e for name, rs in groups.items() for m, e in _bar_tops(rs, types)), default=1.0)
+    ax.set_ylim(0, top * 1.25)  # room above the bars for the legend
+    ax.legend(fontsize=8, title="scope", title_fontsize=8, ncol=min(len(groups), 5), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _bar_tops(rs: list[dict], types: list[str]):
+    for t in types:
+        v = [_type_cv(r, t) for r in rs]
+        m = _nanmean(v)
+        if not math.isnan(m):
+            yield m, _nanstd(v)
 
 
 def _type_cv(r: dict, t: str) -> float:
@@ -1007,9 +1024,8 @@ def _nanstd(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in ok) / (len(ok) - 1))
 
 
-def _plot_cv_trajectory(truns: list[dict], model: str, plt):
+def _plot_cv_trajectory(truns: list[dict], model: str, plt, colours: dict):
     groups = _by_scope(truns)
-    colours = _colours(groups, plt)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, rs in groups.items():
         c = colours[name]
@@ -1029,7 +1045,7 @@ def _plot_cv_trajectory(truns: list[dict], model: str, plt):
     ax.set(xlabel="training step", ylabel="mean CV of the singular values of A\n(over the matrices; dimensionless)")
     n = max(len(r["cv_trajectory"]) for r in truns)
     ax.set_title(f"{model}: update-orthogonality CV after each of {n} steps resumed from each checkpoint\n"
-                 f"(thin: one seed; open circle: the checkpoint's own CV; {_seeds_text(groups)})",
+                 f"(thin: one seed; open circle: the checkpoint's own CV; {_seeds_text(groups, spread=False)})",
                  fontsize=9)  # fmt: skip
     ax.legend(fontsize=8, title="scope", title_fontsize=8)
     ax.grid(alpha=0.3)
@@ -1037,9 +1053,8 @@ def _plot_cv_trajectory(truns: list[dict], model: str, plt):
     return fig
 
 
-def _plot_v_hist(vruns: list[dict], model: str, plt):
+def _plot_v_hist(vruns: list[dict], model: str, plt, colours: dict):
     groups = _by_scope(vruns)
-    colours = _colours(groups, plt)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     used, edges = [], None
     for name, rs in groups.items():
@@ -1062,18 +1077,17 @@ def _plot_v_hist(vruns: list[dict], model: str, plt):
     ax.set(xlabel="v (raw exp_avg_sq in the optimizer's basis; squared gradient units)",
            ylabel="fraction of entries per bin")  # fmt: skip
     ax.set_title(f"{model}: distribution of Adam's second moment v at the checkpoint\n"
-                 f"(thin: one seed; {_seeds_text(groups)})", fontsize=10)  # fmt: skip
+                 f"(thin: one seed; {_seeds_text(groups, spread=False)})", fontsize=10)  # fmt: skip
     ax.legend(fontsize=8, title="scope", title_fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def _plot_delta(points: list[dict], runs: list[dict], model: str, plt):
-    scope_of = {r["label"]: (f"{r['model']} {r['scope']}" if len({x["model"] for x in runs}) > 1 else r["scope"])
-                for r in runs}  # fmt: skip
-    names = list(dict.fromkeys(scope_of.get(p["label"], p["label"]) for p in points))
-    colours = _colours(names, plt)
+def _plot_delta(points: list[dict], runs: list[dict], model: str, plt, colours: dict):
+    models = len({x["model"] for x in runs}) > 1
+    scope_of = {r["label"]: _scope_name(r, models) for r in runs}
+    names = [n for n in colours if any(scope_of.get(p["label"]) == n for p in points)]
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for name in names:
         mine = [p for p in points if scope_of.get(p["label"], p["label"]) == name]
@@ -1103,18 +1117,19 @@ def plot(a: dict, out: Path) -> list[str]:
         print("note: matplotlib is not installed; no figures (pip install matplotlib)")
         return []
     model = ", ".join(dict.fromkeys(r["model"] for r in a["runs"]))
+    colours = _colours(_by_scope(a["runs"]), plt)  # one colour per scope, the same in every figure
     written = []
     runs = [r for r in a["runs"] if r["orthogonality"]]
     if runs:
-        written.append(_save(_plot_cv_by_layer(runs, model, plt), out / "cv_by_layer.png", plt))
+        written.append(_save(_plot_cv_by_layer(runs, model, plt, colours), out / "cv_by_layer.png", plt))
     truns = [r for r in a["runs"] if r.get("cv_trajectory")]
     if truns:
-        written.append(_save(_plot_cv_trajectory(truns, model, plt), out / "cv_trajectory.png", plt))
+        written.append(_save(_plot_cv_trajectory(truns, model, plt, colours), out / "cv_trajectory.png", plt))
     vruns = [r for r in a["runs"] if r["second_moment"]]
     if vruns:
-        written.append(_save(_plot_v_hist(vruns, model, plt), out / "v_hist.png", plt))
+        written.append(_save(_plot_v_hist(vruns, model, plt, colours), out / "v_hist.png", plt))
     if a["delta_points"]:
-        fig = _plot_delta(a["delta_points"], a["runs"], model, plt)
+        fig = _plot_delta(a["delta_points"], a["runs"], model, plt, colours)
         written.append(_save(fig, out / "delta_loss_vs_delta_cv.png", plt))
     return written
 

@@ -48,10 +48,13 @@ import math
 import os
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
 
 from ..scopes import ALL_SCOPES
 from .common import Range, TrainerError, _parse_bool, ema, field_types
@@ -556,20 +559,24 @@ def compare(cfg: CompareConfig) -> dict:
         tag = f"[{i + 1}/{len(jobs)} {label:>{width}}" + (f" seed {seed}]" if len(seeds) > 1 else "]")
         if state != "done":
             t0 = time.perf_counter()
-            every = max(stop // 10, 1)
+            last: dict = {}
+            # A live bar on a terminal (stderr, gone when the run ends); one line per run either way.
+            bar = tqdm(total=stop, desc=f"  {tag}", unit="step", leave=False, disable=None, file=sys.stderr)
 
-            def progress(rec: dict, tag=tag, t0=t0, every=every) -> None:
-                if rec["step"] % every == 0 or rec["step"] == stop:
-                    val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-                    print(
-                        f"  {tag} step {rec['step']:5d}/{stop} loss {rec['loss']:.4f}"
-                        f"{val} ({time.perf_counter() - t0:.1f} s)",
-                        flush=True,
-                    )
+            def progress(rec: dict, bar=bar, last=last) -> None:
+                last.update(rec)
+                bar.update(rec["step"] - bar.n)
+                bar.set_postfix_str(f"loss {rec['loss']:.4f}", refresh=False)
 
             if state == "resume":
                 print(f"  {tag} resuming from {ckpt}", flush=True)
-            train(dataclasses.replace(run_cfg, resume=ckpt), on_step=progress)
+            try:
+                train(dataclasses.replace(run_cfg, resume=ckpt), on_step=progress)
+            finally:
+                bar.close()
+            val = f" val {last['val_loss']:.4f}" if "val_loss" in last else ""
+            loss = f" loss {last['loss']:.4f}" if "loss" in last else ""
+            print(f"  {tag} {stop} steps{loss}{val} ({time.perf_counter() - t0:.1f} s)", flush=True)
         # Finished runs, whether trained now or earlier, are read back from their logs alike, so a resumed
         # compare's summary is the one an uninterrupted compare writes.
         log = read_log(folder / "log.jsonl", stop, cfg.eval_every)

@@ -13,6 +13,7 @@ permutation is hashed on the host). ``make test-compile`` runs it with ``-s``, w
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,8 @@ def reports():
 def test_default_variants_compile_without_spills(reports, target):
     rs = [r for r in reports if r.target.name == target]
     notes = [f"NOTE {r.variant.label()}: {r.spill_note()}" for r in rs if r.spill_note()]
-    print("\n".join(["", report.format_table(rs), report.summary(rs), *notes]))
+    _emit(f"{target}.md", "\n".join([report.format_table(rs), report.summary(rs), *notes]),
+          f"{report.summary(rs)}; {len(notes)} tolerated spill notes")  # fmt: skip
     # Every configuration was launched and compiled: nothing was lost on the way from the launcher.
     uses = set().union(*(r.variant.uses for r in rs))
     dtypes = [str(d).removeprefix("torch.") for d in report.P_DTYPES]
@@ -120,19 +122,29 @@ def test_two_sided_kernel_compiles_without_spills(target):
     for launch in report.two_sided_launches():
         var = report.compile_inputs(launch, tgt.capability)
         variants.setdefault(var.key(), var)
-    print(f"\n{target}: {len(variants)} two-sided variants")
-    _assert_compile_without_spills(variants.values(), tgt)
+    _assert_compile_without_spills(variants.values(), tgt, f"two_sided_{target}.md")
 
 
-def _assert_compile_without_spills(variants, tgt) -> None:
-    """Compile each variant for ``tgt``: no error, no spill, shared memory within the per-CTA limit (printed)."""
+def _emit(name: str, text: str, line: str) -> None:
+    """The full table to a file under ROTKERN_COMPILE_REPORT (default runs/compile/), one line to the console."""
+    folder = Path(os.environ.get("ROTKERN_COMPILE_REPORT", "runs/compile"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text + "\n")
+    print(f"\n{line} (table: {folder / name})")
+
+
+def _assert_compile_without_spills(variants, tgt, name: str) -> None:
+    """Compile each variant for ``tgt``: no error, no spill, shared memory within the per-CTA limit (the table
+    of registers, spills and shared memory goes to a file, see _emit)."""
+    lines = []
     for var in variants:
         res = report._compile(var)
         assert "error" not in res, f"{var.label()}: {res.get('error')}"
-        print(f"  {tgt.name} {var.label()[:100]}: {res['registers']} registers, spills {res['spill_stores']}/"
-              f"{res['spill_loads']} B, {res['shared'] // 1024} KB shared")  # fmt: skip
+        lines.append(f"{tgt.name} {var.label()[:100]}: {res['registers']} registers, spills {res['spill_stores']}/"
+                     f"{res['spill_loads']} B, {res['shared'] // 1024} KB shared")  # fmt: skip
         assert res["spill_stores"] == 0 and res["spill_loads"] == 0, var.label()
         assert res["shared"] <= tgt.max_shared_per_cta, var.label()
+    _emit(name, "\n".join(lines), f"{tgt.name}: {len(lines)} variants compiled, no spills")
 
 
 @pytest.mark.parametrize("scope", ["none", "output", "global"])
@@ -151,7 +163,7 @@ def test_gradscaler_variants_compile_without_spills(scope):
         for launch in calls:
             var = report.compile_inputs(launch, tgt.capability)
             variants.setdefault(var.key(), var)
-        _assert_compile_without_spills(variants.values(), tgt)
+        _assert_compile_without_spills(variants.values(), tgt, f"gradscaler_{scope}_{tgt.name}.md")
 
 
 @pytest.mark.parametrize("target", ["sm_90", "sm_80"])
