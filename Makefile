@@ -9,12 +9,15 @@ BIN := $(VENV)/bin
 
 .PHONY: run quadratic test lint test-cpu test-compile test-interpret ext test-ext test-ext-run test-gpu-dry test-gpu bench clean
 
+# pip's own lines go to $(VENV)/install.log, shown only when a step fails.
 $(BIN)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
-	ROTKERN_SKIP_CUDA_BUILD=1 $(BIN)/pip install -q -e ".[test]"
-	touch $@
+	@echo "set-up: $(VENV)/ with $(or $(TORCH_SPEC),the torch already installed) and rotkern[test] (a few minutes the first time; log: $(VENV)/install.log)"
+	@$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	@{ $(BIN)/pip install -q --upgrade pip && \
+	  if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi && \
+	  ROTKERN_SKIP_CUDA_BUILD=1 $(BIN)/pip install -q -e ".[test]"; } > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; echo "set-up failed: see $(VENV)/install.log"; exit 1; }
+	@touch $@
 
 # The main job: the paper's Figure 1 in miniature (gpt-tiny on the embedded stdlib text, every scope, 3 seeds; on a
 # CPU the fused optimizer runs the compiled extension when `make ext` succeeds, else the eager reference), the

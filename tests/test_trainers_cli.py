@@ -170,3 +170,13 @@ def test_a_backend_this_device_lacks_is_one_error_line(monkeypatch, tmp_path, ca
 def test_hadamard_needs_a_power_of_two_block(tmp_path, capsys):
     msg = _error(capsys, ["train", "--structure=hadamard", "--block_size=100", f"--out_dir={tmp_path}/o"])
     assert "--block_size=64 or 128" in msg
+
+
+def test_a_checkpoint_of_the_old_embedding_default_names_the_option_to_resume_it(tmp_path, capsys):
+    """Runs saved when embedding='transposed' was the default resume with --embedding=transposed, as they were."""
+    args = ["train", *TINY, "--optimizer=rotated-eager", "--rotation=output", "--steps=4"]
+    assert main([*args, "--embedding=transposed", "--stop_step=2", f"--out_dir={tmp_path}"]) == 0
+    ckpt = str(tmp_path / "ckpt.pt")
+    msg = _error(capsys, [*args, f"--resume={ckpt}"])
+    assert "embedding is 'transposed' in the checkpoint" in msg and "pass --embedding='transposed'" in msg
+    assert main([*args, "--embedding=transposed", f"--resume={ckpt}"]) == 0

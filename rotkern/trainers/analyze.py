@@ -601,11 +601,7 @@ def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
         t0 = time.perf_counter()
         run = rebuild(path, ckpt, acfg, math_attention=want_hessian)
         n_params = sum(p.numel() for p in run.model.parameters())
-        print(
-            f"  [{label}] {path}: {run.cfg.model} ({n_params / 1e6:.2f}M params), {optimizer_label(run.active)}, "
-            f"step {run.step}",
-            flush=True,
-        )
+        what = f"{run.cfg.model} ({n_params / 1e6:.2f}M params), {optimizer_label(run.active)}, step {run.step}"
         result: dict[str, Any] = {
             "label": label,
             "scope": run_scope(run.cfg, run.step, keys),
@@ -629,7 +625,7 @@ def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
         if traj:
             cv += f"after {len(traj)} resumed steps {_f(traj[0]['cv'])} -> {_f(traj[-1]['cv'])}, "
         print(
-            f"  [{label}] {cv}gradient bound {result['gradient_bound']['value']:.4g} "
+            f"  [{label}] {what}: {cv}gradient bound {result['gradient_bound']['value']:.4g} "
             f"({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
@@ -655,7 +651,7 @@ def analyze(paths: list[str], acfg: AnalyzeConfig) -> dict:
     summary = summary_md(analysis)
     (out / "summary.md").write_text(summary)
     (out / "analysis.json").write_text(json.dumps(_clean(analysis), indent=2, allow_nan=False))
-    print(summary)
+    print(console_summary(summary, len(runs)))
     print(f"analysis: {out / 'analysis.json'}, {out / 'summary.md'}" + "".join(f", {f}" for f in analysis["figures"]))
     return analysis
 
@@ -838,6 +834,17 @@ def _pm(row: dict, key: str, spec: str = ".4f") -> str:
         return "—"
     std = row.get(f"{key}_std")
     return format(row[key], spec) + ("" if std is None else f" ± {format(std, spec)}")
+
+
+def console_summary(summary: str, n_runs: int) -> str:
+    """What the console shows of summary.md: all of it for a few runs; past 5, the per-run tables stay in the
+    file (the per-scope table, the orderings and the notes are printed)."""
+    if n_runs <= 5:
+        return summary
+    per_run = ("## Runs", "## CV per layer type")
+    sections = re.split(r"\n(?=## )", summary)
+    kept = [x for x in sections[1:] if not x.startswith(per_run)]
+    return "\n".join(["(per-run tables in summary.md)", "", *kept])
 
 
 def summary_md(a: dict) -> str:

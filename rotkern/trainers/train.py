@@ -857,7 +857,8 @@ def restore(s: Setup, ckpt: dict, path: str, model: nn.Module, opt: torch.optim.
     try:
         opt.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:
-        raise TrainerError(f"cannot resume from {path!r}: {e}") from None
+        why = str(e).replace("build the optimizer with embedding=", "pass --embedding=")  # the CLI's spelling
+        raise TrainerError(f"cannot resume from {path!r}: {why}") from None
     if ckpt.get("data_fingerprint") != s.data.fingerprint:
         print(
             f"warning: {path} was trained on other data (fingerprint {ckpt.get('data_fingerprint')} != "
