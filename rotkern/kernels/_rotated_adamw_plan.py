@@ -83,7 +83,7 @@ def width_class(nb: int) -> int:
 def tile_config(width: int) -> tuple[dict, int, int]:
     """(BLOCK_M/N/K, num_warps, num_stages) of a block-size class: 64 block-rows by 32 columns, 8 warps.
 
-    Chosen from ptxas' figures, without a GPU (``python -m rotkern.kernels._compile_report`` prints them;
+    Chosen from ptxas' figures, without a GPU (``python benchmarks/compile_report.py`` prints them;
     tests/kernels/test_kernel_compile.py checks them). The 48 variants that GPT-2 124M, ViT-S/16 and ResNet-50
     launch at n = 768 (every scope, fp32/bf16, ieee/tf32x3/tf32) need, on sm_90a, 142-247 registers with
     Triton 3.9 (ptxas 13.4) and 125-242 with Triton 3.6 (ptxas 12.8), and none spills, but on 3.6 the two ieee

@@ -28,16 +28,15 @@ import math
 import numbers
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..bases import DynamicRotation
-from ._base import (
+from ._spec import (
     MOMENT_KEYS,
     ROTATED_PREFIX,
     SPEC_KEYS,
-    RotatedOptimizerBase,
     _freeze,
     _label,
     _zero_state_like,
@@ -45,6 +44,9 @@ from ._base import (
     moment_dtype,
     stored_keys,
 )
+
+if TYPE_CHECKING:  # the optimizers call this module; it needs their class only for annotations
+    from ._base import RotatedOptimizerBase
 
 FORMAT = 3
 READABLE_FORMATS = (1, 2, 3)

@@ -24,7 +24,7 @@ What fails (:meth:`Report.problems`): a compile error, shared memory above the t
 spill, except where :meth:`Report.spill_note` says why it is tolerated (a negligible share of the step, or on
 a non-strict target an occupancy spill, which is reported).
 
-Run ``python -m rotkern.kernels._compile_report [--targets sm_90,sm_80]`` for the table; the test is
+Run ``python benchmarks/compile_report.py [--targets sm_90,sm_80]`` for the table; the test is
 ``tests/kernels/test_kernel_compile.py``. triton is imported inside functions only: importing this module does
 not need it.
 """
@@ -49,8 +49,8 @@ from multiprocessing import get_context
 
 import torch
 
-from .._backend import PRECISIONS, interpret_mode
-from ..scopes import SCOPES, build_units, param_groups_for
+from rotkern._backend import PRECISIONS, interpret_mode
+from rotkern.scopes import SCOPES, build_units, param_groups_for
 
 KERNEL_MODULE = "rotkern.kernels.rotated_adamw_step"
 KERNELS = ("_rotated_adamw_kernel", "_adamw_kernel")
@@ -127,7 +127,7 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, target: Target) -> 
 # %% which variants the launcher launches ------------------------------------------------------------------
 def model_group(name: str) -> tuple[list[torch.Size], list[str], list[bool]]:
     """(shapes, roles, decay mask) of a preset of :mod:`rotkern.trainers.models`, built on the meta device."""
-    from ..trainers.models import build_model, model_config
+    from rotkern.trainers.models import build_model, model_config
 
     with torch.device("meta"):
         model = build_model(model_config(name))
@@ -191,7 +191,7 @@ def launched_kernels(
     """
     if interpret_mode():
         raise RuntimeError("the compile report needs TRITON_INTERPRET unset (the interpreter has other tiles)")
-    from ._rotated_adamw_plan import PlanCache
+    from rotkern.kernels._rotated_adamw_plan import PlanCache
 
     meta = torch.device("meta")
     units = build_units(shapes, scope, block_size=block_size, roles=roles)
