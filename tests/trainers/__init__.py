@@ -1,0 +1,1 @@
+"""The trainers' tests (rotkern.trainers); their shared helpers stay in tests/_trainer_helpers.py."""
