@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._backend import PRECISIONS
 from ..bases import BASIS_CHANGES
 from ..rotations import MAX_BLOCK_SIZE, STRUCTURES, check_structure
 from ..scopes import ALL_SCOPES, DYNAMIC_SCOPES, EMBEDDING_ORIENTATIONS, VECTOR_POLICIES, param_groups_for
@@ -56,11 +57,16 @@ from .models import (
     model_kind,
     model_layer_types,
 )
+from .options import ADAM, ALL, MUON, ROTATED, ROTATED_ADAMW, ROTATED_FUSED, ROTATED_SGDM, SGDM, option, ranges
+from .options import choices as option_choices
+from .options import optimizer_kwargs as _optimizer_kwargs
 
 OPTIMIZERS = ("adamw", "rotated-eager", "rotated-fused", "sgdm", "rotated-sgdm", "muon", "soap")
 SWITCH_STATES = ("convert", "reset")
-PRECISIONS = ("ieee", "tf32x3", "tf32")
 CHECKPOINT_FORMAT = 1
+# option(convert=...): what an option's value becomes as some optimizer's keyword
+_STATE_DTYPE = {name: (lambda v: torch.bfloat16 if v == "bfloat16" else None) for name in ROTATED_ADAMW}
+_MUON_MOMENTUM = {MUON: lambda v: 0.95 if v == 0.9 else v}
 
 
 @dataclass
@@ -69,57 +75,78 @@ class TrainConfig:
     # (CPU-sized) | gpt2-124m | vit-s16 | resnet50 (the paper's setups, App. B.2)
     preset: str = ""
     # --- model and data
-    model: str = "gpt-tiny"  # gpt2-124m | gpt-tiny | vit-s16 | vit-tiny | resnet50 | resnet18 | resnet-tiny
+    # gpt2-124m | gpt-tiny | vit-s16 | vit-tiny | resnet50 | resnet18 | resnet-tiny
+    model: str = option("gpt-tiny", choices=tuple(MODELS))
     data: str = ""  # "" = embedded (stdlib text / digits or synthetic images); file, folder, train.bin+val.bin folder
     data_max_bytes: int = 4_000_000  # cap on the text read from files (train + val)
     workers: int = -1  # batch-decoding processes; 0 = in this process; -1 = min(8, CPUs) for image folders, else 0
     prefetch: int = 2  # batches each worker decodes ahead
     context: int = 0  # GPT sequence length; 0 = the model's
-    attention: str = "math"  # SDPA backend: math (the paper ran without FlashAttention) | auto | flash | efficient
+    # SDPA backend: math (the paper ran without FlashAttention) | auto | flash | efficient
+    attention: str = option("math", choices=ATTENTION_BACKENDS)
     # --- optimizer
     # adamw (torch) | rotated-eager (RotatedAdamW) | rotated-fused | sgdm (torch) | rotated-sgdm (RotatedSGD) |
     # muon (Muon on hidden matrices + AdamW, Alg 6) | soap (RotatedAdamW, rotation=eigen with SOAP's basis options)
-    optimizer: str = "rotated-fused"
-    rotation: str = "global"  # none | global | layer | output | input | svd | eigen
-    block_size: int = 768  # Haar block size n (the paper's)
-    structure: str = "haar"  # rotation blocks: haar (the paper's) | hadamard (randomized Walsh-Hadamard; 2^k blocks)
+    optimizer: str = option("rotated-fused", choices=OPTIMIZERS)
+    # none | global | layer | output | input | svd | eigen
+    rotation: str = option("global", "rotation", ROTATED, choices=ALL_SCOPES)
+    # Haar block size n (the paper's)
+    block_size: int = option(768, "block_size", ROTATED, range=Range(1, MAX_BLOCK_SIZE))
+    # rotation blocks: haar (the paper's) | hadamard (randomized Walsh-Hadamard; 2^k blocks)
+    structure: str = option("haar", "structure", ROTATED, choices=STRUCTURES)
     # embedding orientation: as_linear (C.2's "within weights of a same token": output-wise rotates each token's
     # row, as for the tied lm_head) | transposed (the workshop text's B.1: the (vocab, dim) table is transposed
     # before rotating, so output-wise rotates each length-vocab column, one per embedding dimension)
-    embedding: str = "as_linear"
-    split_qkv: bool = True  # rotate the q, k, v thirds of a fused QKV weight as separate layers (paper B.1)
+    embedding: str = option("as_linear", "embedding", ROTATED, choices=EMBEDDING_ORIENTATIONS)
+    # rotate the q, k, v thirds of a fused QKV weight as separate layers (paper B.1)
+    split_qkv: bool = option(True, "split_qkv", ROTATED)
     # 1-D params (norm weights, biases): auto (join the global vector, their own vector under layer, unrotated
     # under output / input) | rotate (also rotated under output / input) | none (never rotated)
-    vectors: str = "auto"
+    vectors: str = option("auto", "vectors", ROTATED, choices=VECTOR_POLICIES)
     # rotate only these layer types (comma or + list), the others step as plain AdamW in the same optimizer
     # (paper C.2): q, k, v, attn_out, mlp_in, mlp_out, embedding, norm, conv, head, as the model defines them
     # (gpt: no head, its lm_head is the tied embedding; resnet: conv, norm, head); "" = every type
     rotate_only: str = ""
     rotate_except: str = ""  # rotate every layer type but these (comma or + list, types as --rotate_only)
-    svd_every: int = 250  # rotation=svd: steps between SVD basis recomputes (F; the paper's 250)
-    precondition_every: int = 10  # rotation=eigen / soap: steps between eigenbasis refreshes (SOAP's 10)
-    shampoo_beta: float = 0.95  # rotation=eigen / soap: EMA coefficient of G G^T and G^T G (SOAP's)
-    max_precond_dim: int = 10000  # rotation=eigen / soap: matrix sides longer than this keep no basis
-    basis_change: str = "auto"  # svd / eigen: moments at a basis change: auto | keep | transport | transport_m | reset
-    precision: str = "tf32x3"  # rotated-fused dot precision: ieee | tf32x3 | tf32
+    # rotation=svd: steps between SVD basis recomputes (F; the paper's 250)
+    svd_every: int = option(250, "svd_every", ROTATED_ADAMW, range=Range(1))
+    # rotation=eigen / soap: steps between eigenbasis refreshes (SOAP's 10)
+    precondition_every: int = option(10, "precondition_every", ROTATED_ADAMW, range=Range(1))
+    # rotation=eigen / soap: EMA coefficient of G G^T and G^T G (SOAP's)
+    shampoo_beta: float = option(0.95, "shampoo_beta", ROTATED_ADAMW, range=Range(0, 1, open_hi=True))
+    # rotation=eigen / soap: matrix sides longer than this keep no basis
+    max_precond_dim: int = option(10000, "max_precond_dim", ROTATED_ADAMW, range=Range(1))
+    # svd / eigen: moments at a basis change: auto | keep | transport | transport_m | reset
+    basis_change: str = option("auto", "basis_change", ROTATED_ADAMW, choices=("auto", *BASIS_CHANGES))
+    # rotated-fused dot precision: ieee | tf32x3 | tf32
+    precision: str = option("tf32x3", "precision", (ROTATED_FUSED,), choices=PRECISIONS)
     # rotated AdamW: the dtype Adam's moments are stored in between steps: float32 | bfloat16 (half the optimizer
     # memory; lossy: small updates of v are lost to rounding; the README's drop-in table)
-    state_dtype: str = "float32"
-    backend: str = "auto"  # rotated-fused backend (see rotkern._backend)
-    lr: float = 3e-3  # peak learning rate
+    state_dtype: str = option(
+        "float32", "state_dtype", ROTATED_ADAMW, choices=("float32", "bfloat16"), convert=_STATE_DTYPE
+    )
+    backend: str = option("auto", "backend", (ROTATED_FUSED,))  # rotated-fused backend (see rotkern._backend)
+    lr: float = option(3e-3, "lr", ALL, range=Range(0, open_lo=True))  # peak learning rate
     min_lr: float = 3e-4  # cosine floor
     warmup_steps: int = 20  # linear warm-up, in optimizer steps
     decay_steps: int = 0  # cosine length, warm-up included; 0 = steps
-    beta1: float = 0.9  # Adam's first-moment coefficient
-    beta2: float = 0.95  # Adam's second-moment coefficient
-    eps: float = 1e-8  # Adam's epsilon, added to sqrt(v_hat)
-    weight_decay: float = 0.1  # on >= 2-D tensors only (nanoGPT)
-    momentum: float = 0.9  # sgdm, rotated-sgdm, muon (muon uses 0.95 when this is left at 0.9)
+    # Adam's first-moment coefficient
+    beta1: float = option(0.9, "betas", ADAM, index=0, range=Range(0, 1, open_hi=True))
+    # Adam's second-moment coefficient
+    beta2: float = option(0.95, "betas", ADAM, index=1, range=Range(0, 1, open_hi=True))
+    eps: float = option(1e-8, "eps", ADAM, range=Range(0, open_lo=True))  # Adam's epsilon, added to sqrt(v_hat)
+    # on >= 2-D tensors only (nanoGPT)
+    weight_decay: float = option(0.1, "weight_decay", (MUON, *ROTATED_ADAMW), range=Range(0))
+    # sgdm, rotated-sgdm, muon (muon uses 0.95 when this is left at 0.9)
+    momentum: float = option(
+        0.9, "momentum", (SGDM, ROTATED_SGDM, MUON), range=Range(0, 1, open_hi=True), convert=_MUON_MOMENTUM
+    )
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     # --- optimizer switch: change the basis mid-run (the lr schedule carries on across it)
     switch_at: int = 0  # switch after this many updates, before the next one; 0 = never
     switch_to: str = ""  # adamw (from a rotated run) | a scope: adamw becomes rotated-eager, rotated-* keep their class
-    switch_state: str = "convert"  # convert: Adam's moments and step carried over (rotkern.from/to_adamw_state) | reset
+    # convert: Adam's moments and step carried over (rotkern.from/to_adamw_state) | reset
+    switch_state: str = option("convert", choices=SWITCH_STATES)
     # --- run
     steps: int = 200  # optimizer steps (the schedule spans them)
     stop_step: int = 0  # stop after this step (0 = steps); the schedule still spans `steps`; resume later
@@ -131,10 +158,10 @@ class TrainConfig:
     fsdp: bool = False
     # --fsdp: input / layer / global units that span shards: local (each rank's shard rotated on its own; tied to
     # the world size) | gather (all-gathered: exact, 4 all-gathers of the params per step)
-    shard_mode: str = "local"
+    shard_mode: str = option("local", choices=("local", "gather"))
     tf32: bool = False  # allow TF32 matmuls on CUDA (would also touch the eager optimizer's rotations)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0  # model init, batches and rotations
+    seed: int = option(0, "seed", ROTATED, range=Range(0, 2**63 - 1))  # model init, batches and rotations
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 8  # validation batches per evaluation (0 = the whole image val split)
     print_every: int = 20  # console progress; 0 = quiet
@@ -144,17 +171,18 @@ class TrainConfig:
     resume: str = ""  # checkpoint (or run folder with ckpt.pt) to continue; saves replace it, the log goes beside it
 
     # The numeric options' allowed values (rotkern.trainers.common.Range); the CLI refuses others in one line.
-    RANGES: ClassVar[dict[str, Range]] = {
-        "data_max_bytes": Range(1), "workers": Range(-1), "prefetch": Range(1), "context": Range(0),
-        "block_size": Range(1, MAX_BLOCK_SIZE), "svd_every": Range(1), "precondition_every": Range(1),
-        "shampoo_beta": Range(0, 1, open_hi=True), "max_precond_dim": Range(1),
-        "lr": Range(0, open_lo=True), "min_lr": Range(0), "warmup_steps": Range(0), "decay_steps": Range(0),
-        "beta1": Range(0, 1, open_hi=True), "beta2": Range(0, 1, open_hi=True), "eps": Range(0, open_lo=True),
-        "weight_decay": Range(0), "momentum": Range(0, 1, open_hi=True), "grad_clip": Range(0),
-        "switch_at": Range(0), "steps": Range(1), "stop_step": Range(0), "batch_size": Range(1),
-        "grad_accum": Range(1), "seed": Range(0, 2**63 - 1), "eval_every": Range(0), "eval_batches": Range(0),
-        "print_every": Range(0), "save_every": Range(0),
-    }  # fmt: skip
+    # The optimizer options' ranges are declared with them (option(range=...)); TrainConfig.RANGES, set below the
+    # class, holds both in field order.
+    RANGES: ClassVar[dict[str, Range]] = {}
+
+
+TrainConfig.RANGES = ranges(TrainConfig, {
+    "data_max_bytes": Range(1), "workers": Range(-1), "prefetch": Range(1), "context": Range(0),
+    "min_lr": Range(0), "warmup_steps": Range(0), "decay_steps": Range(0), "grad_clip": Range(0),
+    "switch_at": Range(0), "steps": Range(1), "stop_step": Range(0), "batch_size": Range(1),
+    "grad_accum": Range(1), "eval_every": Range(0), "eval_batches": Range(0),
+    "print_every": Range(0), "save_every": Range(0),
+})  # fmt: skip
 
 
 # Each preset is a set of overrides on top of the defaults (the defaults are the CPU `tiny` run).
@@ -215,20 +243,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def check_config(cfg: TrainConfig, world: int = 1) -> None:
-    choices = {
-        "model": tuple(MODELS),
-        "optimizer": OPTIMIZERS,
-        "rotation": ALL_SCOPES,
-        "precision": PRECISIONS,
-        "attention": ATTENTION_BACKENDS,
-        "switch_state": SWITCH_STATES,
-        "basis_change": ("auto", *BASIS_CHANGES),
-        "structure": STRUCTURES,
-        "embedding": EMBEDDING_ORIENTATIONS,
-        "vectors": VECTOR_POLICIES,
-        "shard_mode": ("local", "gather"),
-        "state_dtype": ("float32", "bfloat16"),
-    }
+    choices = option_choices(TrainConfig)
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise TrainerError(f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -557,76 +572,44 @@ def fused_class():
     return cls
 
 
+def optimizer_kwargs(cfg: TrainConfig, name: str) -> dict[str, Any]:
+    """The keywords the options of ``cfg`` give optimizer ``name`` (adamw, sgdm, muon, rotated-sgdm, rotated-eager,
+    rotated-fused), as their option() declarations in TrainConfig say."""
+    return _optimizer_kwargs(cfg, TrainConfig, name)
+
+
 def make_optimizer(
     cfg: TrainConfig, model: nn.Module, optimizer: str | None = None, compute_dtype: torch.dtype = torch.float32
 ) -> torch.optim.Optimizer:
     name = optimizer or cfg.optimizer
-    betas = (cfg.beta1, cfg.beta2)
-    state_dtype = torch.bfloat16 if cfg.state_dtype == "bfloat16" else None
     if name == "muon":
         from .baselines import MuonWithAdamW
 
-        momentum = 0.95 if cfg.momentum == 0.9 else cfg.momentum
-        return MuonWithAdamW(  # type: ignore[return-value]
-            model, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, momentum=momentum
-        )
+        return MuonWithAdamW(model, **optimizer_kwargs(cfg, name))  # type: ignore[return-value]
     groups = param_groups(dataclasses.replace(cfg, optimizer=name), model)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+        return torch.optim.AdamW(groups, **optimizer_kwargs(cfg, name))
     if name == "sgdm":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    rot = dict(
-        rotation=cfg.rotation,
-        block_size=cfg.block_size,
-        seed=cfg.seed,
-        structure=cfg.structure,
-        split_qkv=cfg.split_qkv,
-        embedding=cfg.embedding,
-        vectors=cfg.vectors,
-        svd_every=cfg.svd_every,
-        precondition_every=cfg.precondition_every,
-        shampoo_beta=cfg.shampoo_beta,
-        max_precond_dim=cfg.max_precond_dim,
-        basis_change=cfg.basis_change,
-    )
-    if name == "soap":
-        rot.update(rotation="eigen", basis_change="transport_m" if cfg.basis_change == "auto" else cfg.basis_change)
+        return torch.optim.SGD(groups, **optimizer_kwargs(cfg, name))
+    soap = name == "soap"
+    if soap:
         name = "rotated-eager"
+    kwargs = optimizer_kwargs(cfg, name)
+    if soap:
+        kwargs.update(rotation="eigen", basis_change="transport_m" if cfg.basis_change == "auto" else cfg.basis_change)
     if name == "rotated-sgdm":
         from ..optim import RotatedSGD
 
-        if cfg.rotation in ("svd", "eigen"):
+        if cfg.rotation in DYNAMIC_SCOPES:
             raise TrainerError(f"--optimizer=rotated-sgdm runs the static scopes; --rotation={cfg.rotation} is AdamW's")
-        sgd_rot = {
-            k: rot[k] for k in ("rotation", "block_size", "seed", "structure", "split_qkv", "embedding", "vectors")
-        }
-        return RotatedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, compute_dtype=compute_dtype, **sgd_rot)
+        return RotatedSGD(groups, compute_dtype=compute_dtype, **kwargs)
     if name == "rotated-eager":
         from ..optim import RotatedAdamW
 
-        return RotatedAdamW(
-            groups,
-            lr=cfg.lr,
-            betas=betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            compute_dtype=compute_dtype,
-            state_dtype=state_dtype,
-            **rot,
-        )
+        return RotatedAdamW(groups, compute_dtype=compute_dtype, **kwargs)
     cls = fused_class()
     try:
-        return cls(
-            groups,
-            lr=cfg.lr,
-            betas=betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            precision=cfg.precision,
-            backend=cfg.backend,
-            state_dtype=state_dtype,
-            **rot,
-        )
+        return cls(groups, **kwargs)
     except (RuntimeError, ValueError) as e:
         raise TrainerError(f"rotated-fused (precision={cfg.precision}, backend={cfg.backend}): {e}") from None
 
