@@ -32,11 +32,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ..scopes import Segment, Unit, build_units
+
+if TYPE_CHECKING:  # the planner imports this module; the mixin needs its GroupStep only for annotations
+    from ._plan import GroupStep
 
 SHARD_MODES = ("local", "gather")
 # Scopes whose cross-shard units shard_mode decides; the others are exact (rows, identity) or always gathered.
@@ -176,3 +180,49 @@ def all_gather_rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def shard_layout(params: Sequence[torch.Tensor]) -> list[int]:
     """[world size] of the group's mesh (what a shard-local rotation depends on beyond the global shapes)."""
     return [params[0].device_mesh.size()] if params and is_dtensor(params[0]) else []
+
+
+class ShardedStepMixin:
+    """The step of a group of DTensor params (FSDP2): its units on the local shards or all-gathered, by
+    ``shard_mode``, through the subclass's ``_rotated_adamw`` (the unit caches are in ``_shard_unit_cache``)."""
+
+    def _shard_units(self, plan: GroupStep) -> tuple[list[Unit], list[Unit]]:
+        """(local units, gathered units) of a group of DTensors for this step's active units (cached)."""
+        key = tuple(id(u) for u in plan.units)
+        cached = self._shard_unit_cache.get(plan.gi)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        params = plan.group["params"]
+        local_shapes = [local(p).shape for p in params]
+        local_units, gathered = plan_units(plan.units, params, plan.group, local_shapes)
+        touched = set(plan.touched)
+        local_units = [u for u in local_units if any(i in touched for i in u.params)]
+        self._shard_unit_cache[plan.gi] = (key, (local_units, gathered))
+        return local_units, gathered
+
+    def _sharded_adamw(self, plan: GroupStep, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                       units, **kwargs) -> None:  # fmt: skip
+        """The step of a group of DTensors: local units on the local shards, gathered units on all-gathered full
+        tensors (each rank keeping its rows), in the functional step's signature."""
+        local_units, gathered = self._shard_units(plan)
+        lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+        loc = [None if xs is None else [local(x) for x in xs] for xs in lists]
+        if local_units:
+            self._rotated_adamw(plan, *loc, state_steps, local_units, **kwargs)
+        if gathered:
+            members = list(dict.fromkeys(i for u in gathered for i in u.params))
+            full = [None if xs is None else [None] * len(params) for xs in lists]
+            for i in members:
+                for k, xs in enumerate(loc):
+                    if xs is not None:
+                        full[k][i] = all_gather_rows(xs[i], params[i])
+            self._rotated_adamw(plan, *full, state_steps, gathered, **kwargs)
+            for i in members:
+                r0, r1 = row_range(params[i])
+                for k in (0, 2, 3, 4):  # the param and its moments; the gathered grad is dropped
+                    if loc[k] is not None:
+                        loc[k][i].copy_(full[k][i][r0:r1])
+        stepped = {i for u in (*local_units, *gathered) for i in u.params}
+        for i in plan.touched:
+            if i not in stepped:  # an empty shard: counts the step, as every other rank's shard does
+                state_steps[i] += 1

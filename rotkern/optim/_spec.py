@@ -91,11 +91,12 @@ def moment_dtype(real: torch.dtype, p: torch.Tensor) -> torch.dtype:
     return real.to_complex() if p.is_complex() else real
 
 
-def _real_numel(p: torch.Tensor) -> int:
+def real_numel(p: torch.Tensor) -> int:
+    """The number of real coordinates of ``p`` (two per element of a complex param)."""
     return p.numel() * (2 if p.is_complex() else 1)
 
 
-def _zero_state_like(model: Mapping, p: torch.Tensor) -> dict:
+def zero_state_like(model: Mapping, p: torch.Tensor) -> dict:
     """Zero moments for ``p`` with ``model``'s keys, dtypes and step (a member of ``model``'s unit)."""
     out = {}
     for key, val in model.items():
@@ -108,13 +109,15 @@ def _zero_state_like(model: Mapping, p: torch.Tensor) -> dict:
     return out
 
 
-def _label(names, gi: int, i: int) -> str:
+def param_label(names, gi: int, i: int) -> str:
+    """How messages name param ``i`` of group ``gi``: by its name where ``names`` has one, else by position."""
     if names is not None and i < len(names) and names[i] is not None:
         return f"param {names[i]!r}"
     return f"param {i} of param group {gi}"
 
 
-def _freeze(x):
+def freeze(x):
+    """``x`` with its lists turned into tuples, recursively (hashable, compared by value)."""
     if isinstance(x, (list, tuple)):
-        return tuple(_freeze(v) for v in x)
+        return tuple(freeze(v) for v in x)
     return x

@@ -37,12 +37,12 @@ from ._spec import (
     MOMENT_KEYS,
     ROTATED_PREFIX,
     SPEC_KEYS,
-    _freeze,
-    _label,
-    _zero_state_like,
+    freeze,
     logical_keys,
     moment_dtype,
+    param_label,
     stored_keys,
+    zero_state_like,
 )
 
 if TYPE_CHECKING:  # the optimizers call this module; it needs their class only for annotations
@@ -186,7 +186,7 @@ def unpack(opt: RotatedOptimizerBase, state_dict: Mapping) -> tuple[defaultdict,
     id_map = {}
     for sg, g in zip(saved_groups, groups, strict=True):
         id_map.update(zip(sg["params"], g["params"], strict=True))
-    labels = {id(p): _label(g["names"], gi, i) for gi, g in enumerate(groups) for i, p in enumerate(g["params"])}
+    labels = {id(p): param_label(g["names"], gi, i) for gi, g in enumerate(groups) for i, p in enumerate(g["params"])}
     rotated = rotated_scopes(opt)
     svd_shapes = opt._basis_state_shapes()
     new_state: defaultdict = defaultdict(dict)
@@ -202,7 +202,7 @@ def unpack(opt: RotatedOptimizerBase, state_dict: Mapping) -> tuple[defaultdict,
             raise ValueError(f"checkpoint state of {label} is a {type(st).__name__}, not a dict")
         if len(st) == 0:  # no state yet (a defaultdict read, opt.state[p] = {}, a flattened DCP load): as torch
             continue
-        st = _decode(st, fmt, rotated.get(id(p)), label)
+        st = decode_state(st, fmt, rotated.get(id(p)), label)
         st = _load_param_state(opt, p, st, label, svd_shapes.get(id(p), {}))
         new_state[p] = stored_keys(st, id(p) in rotated)
     _complete_units(opt, new_state, labels)
@@ -231,7 +231,7 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
             if g.get("rotation") == "none":
                 continue
             theirs = [False] * n if theirs is None else theirs
-        if _freeze(mine) != _freeze(theirs):
+        if freeze(mine) != freeze(theirs):
             hint = ""
             if key == "rotation" and sg.get(key) == "none":
                 hint = (
@@ -260,8 +260,15 @@ def _compare_spec(gi: int, g: dict, sg: Mapping) -> None:
             )
 
 
-def _decode(st: Mapping, fmt: int | None, scope: str | None, label: str) -> dict:
-    """The state with plain moment names (step, exp_avg, ...), whatever the format it was saved in."""
+def decode_state(st: Mapping, fmt: int | None, scope: str | None, label: str) -> dict:
+    """One saved per-param entry ``st`` with plain moment names (step, exp_avg, ...), whatever the format it was
+    saved in.
+
+    ``fmt`` is the checkpoint's format (:func:`read_format`: 1, 2, 3, or None for torch.optim's state),
+    ``scope`` the rotation of the param's unit where its state lives in a rotated basis (None where it is not
+    rotated), ``label`` how messages name the param. Raises ValueError when the entry's basis does not match
+    (rotated moments for an unrotated param, torch.optim or unrotated moments for a rotated one). ``st`` is
+    not modified; the tensors are not copied."""
     prefixed = [k for k in st if isinstance(k, str) and k.startswith(PREFIX)]
     if scope is None:
         if prefixed:
@@ -293,7 +300,7 @@ def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, labe
     missing = [k for k in ("step",) + opt._moment_keys if k not in st]
     if missing:
         raise ValueError(f"checkpoint state of {label} lacks {missing}; it was saved by another optimizer")
-    step = _step_value(st["step"], label)
+    step = step_value(st["step"], label)
     have_svd = sorted(k for k in st if isinstance(k, str) and k.startswith(("svd_", "eigen_")))
     # Bases exist from step 1 on; without them the moments' basis is lost.
     if (have_svd or step >= 1) and have_svd != sorted(want_svd):
@@ -327,7 +334,9 @@ def _load_param_state(opt: RotatedOptimizerBase, p: torch.Tensor, st: dict, labe
     return new
 
 
-def _step_value(step: Any, label: str) -> float:
+def step_value(step: Any, label: str) -> float:
+    """A saved ``step`` (a number or a one-element tensor) as a float; ValueError, naming ``label``, for anything
+    else, a non-finite or a negative count."""
     if torch.is_tensor(step):
         if step.numel() != 1 or step.is_complex():
             raise ValueError(f"checkpoint state 'step' of {label} is a tensor of shape {tuple(step.shape)}")
@@ -362,7 +371,7 @@ def _complete_units(opt: RotatedOptimizerBase, new_state: dict, labels: Mapping)
                 model = new_state[have[0]]
                 for p in members:
                     if p not in new_state:
-                        new_state[p] = _zero_state_like(model, p)
+                        new_state[p] = zero_state_like(model, p)
 
 
 def _merge_group(g: dict, sg: dict) -> dict:

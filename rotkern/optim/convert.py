@@ -35,7 +35,8 @@ from torch.optim import Optimizer
 from ..bases import DynamicRotation
 from ..scopes import Unit, build_units
 from . import _state_dict
-from ._base import RotatedOptimizerBase, _label, logical_keys
+from ._base import RotatedOptimizerBase
+from ._spec import logical_keys, param_label
 
 __all__ = ["from_adamw_state", "to_adamw_state"]
 
@@ -222,9 +223,9 @@ class _RotatedView:
             fmt = _state_dict.read_format(source)
             for i, pid in enumerate(g["params"]):
                 st = source["state"].get(pid)
-                label = _label(g.get("names", g.get("param_names")), gi, i)
+                label = param_label(g.get("names", g.get("param_names")), gi, i)
                 scope = g["rotation"] if i in rotated else None
-                states.append(None if not st else _state_dict._decode(st, fmt, scope, label))
+                states.append(None if not st else _state_dict.decode_state(st, fmt, scope, label))
         return cls(groups, units, states, None)
 
     def shapes(self) -> list[list[int]]:
@@ -241,8 +242,8 @@ class _RotatedView:
             res: list[dict | None] = [None] * len(shapes)
             for i, st in enumerate(local):
                 if st is not None:
-                    label = _label(g.get("names", g.get("param_names")), gi, i)
-                    res[i] = {"step": _state_dict._step_value(st["step"], label)}
+                    label = param_label(g.get("names", g.get("param_names")), gi, i)
+                    res[i] = {"step": _state_dict.step_value(st["step"], label)}
             for key in _MOMENTS:
                 if not any(st is not None and key in st for st in local):
                     continue
@@ -312,7 +313,7 @@ def _adam_state(st: Mapping | None, label: str) -> dict | None:
     missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
     if missing:
         raise ValueError(f"from_adamw_state: the source state of {label} lacks {missing}; it is not an Adam state")
-    out = {"step": _state_dict._step_value(st["step"], label)}
+    out = {"step": _state_dict.step_value(st["step"], label)}
     for key in _MOMENTS:
         if key in st:
             out[key] = st[key]
