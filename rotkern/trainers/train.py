@@ -892,10 +892,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
     main = rank == 0
     # out_dir="" writes nothing (no log, no checkpoint) unless resuming, which saves over the resumed file. A resumed
     # run's log continues beside its checkpoint (not in out_dir, whose default may hold another run's log).
-    resume = Path(cfg.resume) / "ckpt.pt" if cfg.resume and Path(cfg.resume).is_dir() else Path(cfg.resume)
-    log_dir = (resume.parent if cfg.resume else Path(cfg.out_dir)) if cfg.out_dir else None
-    log_path = log_dir / "log.jsonl" if log_dir is not None else None
-    ckpt_path = resume if cfg.resume else Path(cfg.out_dir) / "ckpt.pt" if cfg.out_dir else None
+    log_path, ckpt_path = _run_paths(cfg)
     save = cfg.save and ckpt_path is not None
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is None and save and ckpt_path.exists():
@@ -931,16 +928,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
         )
     )
     if main and cfg.print_every:
-        print(f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {s.data.description}")
-        print(
-            f"       {cfg.optimizer} rotation={cfg.rotation}{_restriction(cfg)} block={cfg.block_size} seed={cfg.seed} "
-            f"device={s.device} world={world} steps {start}->{stop} of {cfg.steps}; log {log_path}"
-        )
-        if cfg.switch_at:
-            print(
-                f"       switch to {optimizer_label(optimizer_after(cfg, cfg.switch_at + 1))} after step "
-                f"{cfg.switch_at} ({cfg.switch_state})"
-            )
+        _print_start(cfg, s, n_params, world, start, stop, log_path)
     net = model
     if world > 1 and not cfg.fsdp:
         ids = [s.device.index] if s.device.type == "cuda" else None
@@ -952,23 +940,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
         for step in range(start, stop):
             switching = cfg.switch_at > 0 and step == cfg.switch_at
             if switching:
-                t_switch = time.perf_counter()
-                opt = switch_optimizer(cfg, model, opt)
-                active = optimizer_after(cfg, step + 1)
-                switch = {
-                    "type": "switch",
-                    "step": step,  # after this many updates; the next step record is the new optimizer's first
-                    "from": optimizer_label(cfg),
-                    "to": optimizer_label(active),
-                    "state": cfg.switch_state,
-                    "switch_time": time.perf_counter() - t_switch,
-                }
-                log.write(switch)
-                if main and cfg.print_every:
-                    print(
-                        f"switch after step {step}: {switch['from']} -> {switch['to']} ({cfg.switch_state}, "
-                        f"{switch['switch_time']:.2f} s)"
-                    )
+                opt, active = _switch(cfg, model, opt, step, log, main)
             # The update norm on both sides of the switch shows whether the new optimizer picked up where the old
             # one left off (a fresh Adam's first update is ~lr per coordinate); two parameter copies, once a run.
             watch = cfg.switch_at > 0 and step in (cfg.switch_at - 1, cfg.switch_at)
@@ -992,33 +964,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
             if on_step is not None:
                 on_step({**rec, **(evals[-1] if evals and evals[-1]["step"] == done else {})})
             if main and cfg.print_every and (done % cfg.print_every == 0 or done == stop):
-                extra = (
-                    "".join(f" | {k} {v:.4f}" for k, v in evals[-1].items() if k.startswith("val"))
-                    if evals and evals[-1]["step"] == done
-                    else ""
-                )
-                print(
-                    f"step {done:6d}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                    f"grad {rec['grad_norm']:.3f} | {rec['step_time'] * 1e3:7.1f} ms "
-                    f"(opt {rec['optimizer_time'] * 1e3:.1f}){extra}"
-                )
+                _print_step(cfg, rec, evals)
             if save and cfg.save_every and done % cfg.save_every == 0 and done != stop:
                 save_checkpoint(s, model, opt, done, ckpt_path, main)
-        final: dict[str, Any] = {
-            "type": "final",
-            "step": stop,
-            "backend": optimizer_backend(opt),
-            "wall_time": time.perf_counter() - t_start,
-        }
-        if records:
-            final["loss"] = records[-1]["loss"]
-        if evals:
-            final.update({k: v for k, v in evals[-1].items() if k.startswith("val")})
-        if world > 1 and not cfg.fsdp:
-            final["ddp_max_param_diff"] = _rank_param_diff(model)
-        if save:
-            save_checkpoint(s, model, opt, stop, ckpt_path, main)
-            final["checkpoint"] = str(ckpt_path)
+        final = _final(cfg, s, model, opt, records, evals, stop, t_start, world, save, ckpt_path, main)
         log.write(final)
     finally:
         s.stop_loader()
@@ -1032,6 +981,86 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, on_step) ->
         "log": str(log_path) if log_path else None,
         "checkpoint": str(ckpt_path) if save else None,
     }
+
+
+def _run_paths(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
+    """(log.jsonl, ckpt.pt) of a run: beside the resumed checkpoint, else in out_dir (None: out_dir="")."""
+    resume = Path(cfg.resume) / "ckpt.pt" if cfg.resume and Path(cfg.resume).is_dir() else Path(cfg.resume)
+    log_dir = (resume.parent if cfg.resume else Path(cfg.out_dir)) if cfg.out_dir else None
+    log_path = log_dir / "log.jsonl" if log_dir is not None else None
+    ckpt_path = resume if cfg.resume else Path(cfg.out_dir) / "ckpt.pt" if cfg.out_dir else None
+    return log_path, ckpt_path
+
+
+def _print_start(cfg: TrainConfig, s: Setup, n_params: int, world: int, start: int, stop: int, log_path) -> None:
+    """The console's first lines of a run."""
+    print(f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {s.data.description}")
+    print(
+        f"       {cfg.optimizer} rotation={cfg.rotation}{_restriction(cfg)} block={cfg.block_size} seed={cfg.seed} "
+        f"device={s.device} world={world} steps {start}->{stop} of {cfg.steps}; log {log_path}"
+    )
+    if cfg.switch_at:
+        print(
+            f"       switch to {optimizer_label(optimizer_after(cfg, cfg.switch_at + 1))} after step "
+            f"{cfg.switch_at} ({cfg.switch_state})"
+        )
+
+
+def _switch(cfg: TrainConfig, model: nn.Module, opt, step: int, log: JsonlLog, main: bool):
+    """Switch the optimizer after `step` updates: (the new optimizer, its config); the log gets a switch record."""
+    t_switch = time.perf_counter()
+    opt = switch_optimizer(cfg, model, opt)
+    active = optimizer_after(cfg, step + 1)
+    switch = {
+        "type": "switch",
+        "step": step,  # after this many updates; the next step record is the new optimizer's first
+        "from": optimizer_label(cfg),
+        "to": optimizer_label(active),
+        "state": cfg.switch_state,
+        "switch_time": time.perf_counter() - t_switch,
+    }
+    log.write(switch)
+    if main and cfg.print_every:
+        print(
+            f"switch after step {step}: {switch['from']} -> {switch['to']} ({cfg.switch_state}, "
+            f"{switch['switch_time']:.2f} s)"
+        )
+    return opt, active
+
+
+def _print_step(cfg: TrainConfig, rec: dict, evals: list[dict]) -> None:
+    """The console line of one step (with the validation metrics when it was evaluated)."""
+    done = rec["step"]
+    extra = (
+        "".join(f" | {k} {v:.4f}" for k, v in evals[-1].items() if k.startswith("val"))
+        if evals and evals[-1]["step"] == done
+        else ""
+    )
+    print(
+        f"step {done:6d}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+        f"grad {rec['grad_norm']:.3f} | {rec['step_time'] * 1e3:7.1f} ms "
+        f"(opt {rec['optimizer_time'] * 1e3:.1f}){extra}"
+    )
+
+
+def _final(cfg, s: Setup, model, opt, records, evals, stop: int, t_start: float, world: int, save, ckpt_path, main):
+    """The final record (and the last checkpoint, when the run saves)."""
+    final: dict[str, Any] = {
+        "type": "final",
+        "step": stop,
+        "backend": optimizer_backend(opt),
+        "wall_time": time.perf_counter() - t_start,
+    }
+    if records:
+        final["loss"] = records[-1]["loss"]
+    if evals:
+        final.update({k: v for k, v in evals[-1].items() if k.startswith("val")})
+    if world > 1 and not cfg.fsdp:
+        final["ddp_max_param_diff"] = _rank_param_diff(model)
+    if save:
+        save_checkpoint(s, model, opt, stop, ckpt_path, main)
+        final["checkpoint"] = str(ckpt_path)
+    return final
 
 
 def _restriction(cfg: TrainConfig) -> str:
