@@ -193,6 +193,176 @@ def check_qkv_pieces(value: object, name: str = "qkv_pieces") -> str:
     return "".join(c for c in QKV_PIECES if c in value)
 
 
+def _dynamic_rotation(
+    scope: str, k: int, width: int, piece: int, num_pieces: int, max_precond_dim: int
+) -> DynamicRotation:
+    """The rotation of one (k, width) piece of a dynamic scope (``svd`` or ``eigen``)."""
+    return (
+        SvdRotation(k, width, piece, num_pieces)
+        if scope == "svd"
+        else EigenRotation(k, width, piece, num_pieces, max_dim=max_precond_dim)
+    )
+
+
+def _check_build_args(
+    shapes, scope, block_size, roles, names, split_qkv, embedding, vectors, frozen, structure, qkv_pieces
+) -> tuple[list[torch.Size], list[str], list[bool], str, bool]:
+    """build_units' argument checks; returns shapes, roles, frozen, qkv_pieces (checked) and whether the scope
+    rotates only some thirds of qkv parameters."""
+    _check_choice(scope, ALL_SCOPES, "rotation")
+    _check_choice(embedding, EMBEDDING_ORIENTATIONS, "embedding")
+    _check_choice(vectors, VECTOR_POLICIES, "vectors")
+    check_block_size(block_size)
+    check_structure(structure, block_size)
+    qkv_pieces = check_qkv_pieces(qkv_pieces)
+    partial = qkv_pieces != QKV_PIECES and scope != "none"
+    if partial and scope in DYNAMIC_SCOPES:
+        raise ValueError(f"qkv_pieces={qkv_pieces!r} is for the static scopes; rotation={scope!r} takes 'qkv' only")
+    if partial and scope != "global" and not split_qkv:
+        raise ValueError(
+            f"qkv_pieces={qkv_pieces!r} rotates some thirds of a fused QKV weight: it needs split_qkv=True"
+        )
+    shapes = [torch.Size(s) for s in shapes]
+    roles = list(roles) if roles is not None else infer_roles(shapes, names)
+    if len(roles) != len(shapes):
+        raise ValueError(f"roles has {len(roles)} entries for {len(shapes)} parameters")
+    frozen = [bool(f) for f in frozen] if frozen is not None else [False] * len(shapes)
+    if len(frozen) != len(shapes):
+        raise ValueError(f"frozen has {len(frozen)} entries for {len(shapes)} parameters")
+    for i, r in enumerate(roles):
+        _check_choice(r, ROLES, f"roles[{i}]")
+        if r != "vector" and len(shapes[i]) < 2:
+            raise ValueError(f"parameter {_pname(names, i)} has role {r!r} but shape {tuple(shapes[i])}; use 'vector'")
+    return shapes, roles, frozen, qkv_pieces, partial
+
+
+@dataclass
+class _UnitBuilder:
+    """build_units' state: the checked arguments and the units so far, with one method per kind of unit."""
+
+    shapes: list[torch.Size]
+    scope: str
+    block_size: int
+    seed: int
+    roles: list[str]
+    names: Sequence[str] | None
+    split_qkv: bool
+    structure: str
+    qkv_pieces: str
+    max_precond_dim: int
+
+    def __post_init__(self) -> None:
+        self.numels = [s.numel() for s in self.shapes]
+        self.units: list[Unit] = []
+
+    def identity(self, i: int, start: int = 0, stop: int | None = None) -> None:
+        stop = self.numels[i] if stop is None else stop
+        if stop > start:
+            self.units.append(Unit("identity", (Segment(i, start, stop),), 0, (1, stop - start), None))
+
+    def thirds(self, i: int) -> list[tuple[Segment, bool]]:
+        """A partially rotated qkv param's thirds as segments, each with whether it is rotated."""
+        n0, width = self.shapes[i][0], self.numels[i] // self.shapes[i][0] if self.shapes[i][0] else 0
+        return [
+            (Segment(i, j * n0 // 3 * width, (j + 1) * n0 // 3 * width), c in self.qkv_pieces)
+            for j, c in enumerate(QKV_PIECES)
+        ]
+
+    def flat(self, segs: list[Segment]) -> None:
+        total = sum(s.numel for s in segs)
+        if total:
+            rot = BlockRotation(
+                total, self.block_size, self.seed, perm_stream=("unit", len(self.units)), structure=self.structure
+            )
+            self.units.append(Unit("flat", tuple(segs), 0, (1, total), rot))
+
+    def neuron(self, i: int, start_row: int, stop_row: int, layout: str) -> None:
+        width = self.numels[i] // self.shapes[i][0]
+        k = stop_row - start_row
+        if k * width == 0:
+            return
+        rows, length = (k, width) if layout == "rows" else (width, k)
+        perm = ("unit", len(self.units)) if length > self.block_size else None
+        rot = BlockRotation(length, self.block_size, self.seed, perm_stream=perm, structure=self.structure)
+        self.units.append(Unit(layout, (Segment(i, start_row * width, stop_row * width),), width, (rows, length), rot))
+
+    def dynamic(self, i: int, start_row: int, stop_row: int, piece: int, num_pieces: int) -> None:
+        width = self.numels[i] // self.shapes[i][0]
+        k = stop_row - start_row
+        if k * width == 0:
+            return
+        seg = (Segment(i, start_row * width, stop_row * width),)
+        if self.scope == "eigen" and min(k, width) > self.max_precond_dim:
+            self.units.append(Unit("identity", seg, 0, (1, k * width), None))
+            return
+        rot = _dynamic_rotation(self.scope, k, width, piece, num_pieces, self.max_precond_dim)
+        self.units.append(Unit(self.scope, seg, width, (k, width), rot))
+
+    def pieces(self, i: int) -> list[tuple[int, int]]:
+        n0 = self.shapes[i][0]
+        if self.roles[i] == "qkv" and self.split_qkv:
+            if self.scope in DYNAMIC_SCOPES and n0 % 3:
+                # The pieces' bases are stacked in one state tensor per parameter: they must have one shape.
+                raise ValueError(
+                    f"parameter {_pname(self.names, i)} has role 'qkv' but {n0} rows, not a multiple of 3: "
+                    f"rotation={self.scope!r} splits it into three equal matrices"
+                )
+            return [(j * n0 // 3, (j + 1) * n0 // 3) for j in range(3)]
+        return [(0, n0)]
+
+
+def _global_units(b: _UnitBuilder, vectors: str, frozen: list[bool], partial: bool) -> None:
+    """The global scope: one shared unit over every rotated, unfrozen param, then the rest."""
+    shapes, roles, numels = b.shapes, b.roles, b.numels
+    unrotated = [roles[i] == "vector" and vectors == "none" for i in range(len(shapes))]
+    split = [partial and roles[i] == "qkv" and numels[i] > 0 for i in range(len(shapes))]
+
+    def rotated(i: int) -> list[Segment]:
+        return [s for s, keep in b.thirds(i) if keep and s.numel] if split[i] else [Segment(i, 0, numels[i])]
+
+    members = [i for i in range(len(shapes)) if not unrotated[i] and not frozen[i]]
+    b.flat([s for i in members if numels[i] for s in rotated(i)])
+    # After the shared unit, so that its permutation stream does not depend on the frozen parameters.
+    for i in range(len(shapes)):
+        if unrotated[i]:
+            b.identity(i)
+            continue
+        if frozen[i]:
+            b.flat(rotated(i))
+        for s, keep in b.thirds(i) if split[i] else []:
+            if not keep:
+                b.identity(i, s.start, s.stop)
+
+
+def _per_param_units(b: _UnitBuilder, embedding: str, vectors: str, frozen: list[bool], partial: bool) -> None:
+    """Every scope but none and global: units within each param (frozen params last)."""
+    shapes, roles, numels, scope = b.shapes, b.roles, b.numels, b.scope
+    # Frozen parameters last: the permutation streams of the others are those they would get without them.
+    for i in sorted(range(len(shapes)), key=lambda i: frozen[i]):
+        if numels[i] == 0:
+            continue
+        if roles[i] == "vector":
+            rotate_vector = vectors == "rotate" or (vectors == "auto" and scope == "layer")
+            b.flat([Segment(i, 0, numels[i])]) if rotate_vector else b.identity(i)
+            continue
+        width = numels[i] // shapes[i][0] if shapes[i][0] else 0
+        parts = b.pieces(i)
+        for j, (a, c) in enumerate(parts):
+            if partial and roles[i] == "qkv" and QKV_PIECES[j] not in b.qkv_pieces:
+                b.identity(i, a * width, c * width)
+                continue
+            if scope == "layer":
+                b.flat([Segment(i, a * width, c * width)])
+                continue
+            if scope in DYNAMIC_SCOPES:
+                b.dynamic(i, a, c, j, len(parts))
+                continue
+            # An embedding stored (in, out) is transposed before rotating, which swaps rows and columns.
+            swap = roles[i] == "embedding" and embedding == "transposed"
+            want_rows = (scope == "output") != swap
+            b.neuron(i, a, c, "rows" if want_rows else "cols")
+
+
 def build_units(
     shapes: Sequence[torch.Size],
     scope: str,
@@ -230,141 +400,18 @@ def build_units(
         Units covering every parameter of nonzero size exactly once; zero-size parameters (what FSDP leaves on
         tail ranks) get no unit.
     """
-    _check_choice(scope, ALL_SCOPES, "rotation")
-    _check_choice(embedding, EMBEDDING_ORIENTATIONS, "embedding")
-    _check_choice(vectors, VECTOR_POLICIES, "vectors")
-    check_block_size(block_size)
-    check_structure(structure, block_size)
-    qkv_pieces = check_qkv_pieces(qkv_pieces)
-    partial = qkv_pieces != QKV_PIECES and scope != "none"
-    if partial and scope in DYNAMIC_SCOPES:
-        raise ValueError(f"qkv_pieces={qkv_pieces!r} is for the static scopes; rotation={scope!r} takes 'qkv' only")
-    if partial and scope != "global" and not split_qkv:
-        raise ValueError(
-            f"qkv_pieces={qkv_pieces!r} rotates some thirds of a fused QKV weight: it needs split_qkv=True"
-        )
-    shapes = [torch.Size(s) for s in shapes]
-    roles = list(roles) if roles is not None else infer_roles(shapes, names)
-    if len(roles) != len(shapes):
-        raise ValueError(f"roles has {len(roles)} entries for {len(shapes)} parameters")
-    frozen = [bool(f) for f in frozen] if frozen is not None else [False] * len(shapes)
-    if len(frozen) != len(shapes):
-        raise ValueError(f"frozen has {len(frozen)} entries for {len(shapes)} parameters")
-    for i, r in enumerate(roles):
-        _check_choice(r, ROLES, f"roles[{i}]")
-        if r != "vector" and len(shapes[i]) < 2:
-            raise ValueError(f"parameter {_pname(names, i)} has role {r!r} but shape {tuple(shapes[i])}; use 'vector'")
-
-    numels = [s.numel() for s in shapes]
-    units: list[Unit] = []
-
-    def identity(i: int, start: int = 0, stop: int | None = None) -> None:
-        stop = numels[i] if stop is None else stop
-        if stop > start:
-            units.append(Unit("identity", (Segment(i, start, stop),), 0, (1, stop - start), None))
-
-    def thirds(i: int) -> list[tuple[Segment, bool]]:
-        """A partially rotated qkv param's thirds as segments, each with whether it is rotated."""
-        n0, width = shapes[i][0], numels[i] // shapes[i][0] if shapes[i][0] else 0
-        return [
-            (Segment(i, j * n0 // 3 * width, (j + 1) * n0 // 3 * width), c in qkv_pieces)
-            for j, c in enumerate(QKV_PIECES)
-        ]
-
-    def flat(segs: list[Segment]) -> None:
-        total = sum(s.numel for s in segs)
-        if total:
-            rot = BlockRotation(total, block_size, seed, perm_stream=("unit", len(units)), structure=structure)
-            units.append(Unit("flat", tuple(segs), 0, (1, total), rot))
-
-    def neuron(i: int, start_row: int, stop_row: int, layout: str) -> None:
-        width = numels[i] // shapes[i][0]
-        k = stop_row - start_row
-        if k * width == 0:
-            return
-        rows, length = (k, width) if layout == "rows" else (width, k)
-        perm = ("unit", len(units)) if length > block_size else None
-        rot = BlockRotation(length, block_size, seed, perm_stream=perm, structure=structure)
-        units.append(Unit(layout, (Segment(i, start_row * width, stop_row * width),), width, (rows, length), rot))
-
-    def dynamic(i: int, start_row: int, stop_row: int, piece: int, num_pieces: int) -> None:
-        width = numels[i] // shapes[i][0]
-        k = stop_row - start_row
-        if k * width == 0:
-            return
-        seg = (Segment(i, start_row * width, stop_row * width),)
-        if scope == "eigen" and min(k, width) > max_precond_dim:
-            units.append(Unit("identity", seg, 0, (1, k * width), None))
-            return
-        rot: DynamicRotation
-        rot = (
-            SvdRotation(k, width, piece, num_pieces)
-            if scope == "svd"
-            else EigenRotation(k, width, piece, num_pieces, max_dim=max_precond_dim)
-        )
-        units.append(Unit(scope, seg, width, (k, width), rot))
-
-    def pieces(i: int) -> list[tuple[int, int]]:
-        n0 = shapes[i][0]
-        if roles[i] == "qkv" and split_qkv:
-            if scope in DYNAMIC_SCOPES and n0 % 3:
-                # The pieces' bases are stacked in one state tensor per parameter: they must have one shape.
-                raise ValueError(
-                    f"parameter {_pname(names, i)} has role 'qkv' but {n0} rows, not a multiple of 3: "
-                    f"rotation={scope!r} splits it into three equal matrices"
-                )
-            return [(j * n0 // 3, (j + 1) * n0 // 3) for j in range(3)]
-        return [(0, n0)]
-
+    shapes, roles, frozen, qkv_pieces, partial = _check_build_args(
+        shapes, scope, block_size, roles, names, split_qkv, embedding, vectors, frozen, structure, qkv_pieces
+    )
+    b = _UnitBuilder(shapes, scope, block_size, seed, roles, names, split_qkv, structure, qkv_pieces, max_precond_dim)
     if scope == "none":
         for i in range(len(shapes)):
-            identity(i)
-        return units
-    if scope == "global":
-        unrotated = [roles[i] == "vector" and vectors == "none" for i in range(len(shapes))]
-        split = [partial and roles[i] == "qkv" and numels[i] > 0 for i in range(len(shapes))]
-
-        def rotated(i: int) -> list[Segment]:
-            return [s for s, keep in thirds(i) if keep and s.numel] if split[i] else [Segment(i, 0, numels[i])]
-
-        members = [i for i in range(len(shapes)) if not unrotated[i] and not frozen[i]]
-        flat([s for i in members if numels[i] for s in rotated(i)])
-        # After the shared unit, so that its permutation stream does not depend on the frozen parameters.
-        for i in range(len(shapes)):
-            if unrotated[i]:
-                identity(i)
-                continue
-            if frozen[i]:
-                flat(rotated(i))
-            for s, keep in thirds(i) if split[i] else []:
-                if not keep:
-                    identity(i, s.start, s.stop)
-        return units
-    # Frozen parameters last: the permutation streams of the others are those they would get without them.
-    for i in sorted(range(len(shapes)), key=lambda i: frozen[i]):
-        if numels[i] == 0:
-            continue
-        if roles[i] == "vector":
-            rotate_vector = vectors == "rotate" or (vectors == "auto" and scope == "layer")
-            flat([Segment(i, 0, numels[i])]) if rotate_vector else identity(i)
-            continue
-        width = numels[i] // shapes[i][0] if shapes[i][0] else 0
-        parts = pieces(i)
-        for j, (a, b) in enumerate(parts):
-            if partial and roles[i] == "qkv" and QKV_PIECES[j] not in qkv_pieces:
-                identity(i, a * width, b * width)
-                continue
-            if scope == "layer":
-                flat([Segment(i, a * width, b * width)])
-                continue
-            if scope in DYNAMIC_SCOPES:
-                dynamic(i, a, b, j, len(parts))
-                continue
-            # An embedding stored (in, out) is transposed before rotating, which swaps rows and columns.
-            swap = roles[i] == "embedding" and embedding == "transposed"
-            want_rows = (scope == "output") != swap
-            neuron(i, a, b, "rows" if want_rows else "cols")
-    return units
+            b.identity(i)
+    elif scope == "global":
+        _global_units(b, vectors, frozen, partial)
+    else:
+        _per_param_units(b, embedding, vectors, frozen, partial)
+    return b.units
 
 
 def _pname(names: Sequence[str] | None, i: int) -> str:

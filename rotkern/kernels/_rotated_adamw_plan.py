@@ -30,7 +30,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -127,117 +127,156 @@ def _search_steps(span: int) -> int:
     return math.ceil(math.log2(span)) if span > 1 else 0
 
 
-def build_plan(
-    units: Sequence[Unit],
-    p_dtypes: Sequence[torch.dtype | None],
-    g_dtypes: Sequence[torch.dtype | None],
-    decay_mask: Sequence[bool] | None,
-    device: torch.device,
-) -> Plan:
-    """Tables and launches for one call's units (see the module docstring)."""
+@dataclass
+class _Tables:
+    """The tables that grow unit by unit while a plan is built (segments, permutations, rotation matrices)."""
 
-    def decays(i: int) -> int:
-        return 1 if decay_mask is None or decay_mask[i] else 0
+    decay_mask: Sequence[bool] | None
+    device: torch.device
+    segs: list[tuple[int, int, int, int]] = field(default_factory=list)  # key, delta, param, decays
+    perms: list[torch.Tensor] = field(default_factory=list)
+    perm_len: int = 0
+    rots: dict[tuple, tuple[int, int, torch.Tensor]] = field(default_factory=dict)  # (seed, nb, structure) ->
+    rot_len: int = 0  # (offset, stride, R)
 
-    touched = list(dict.fromkeys(i for u in units for i in u.params))
-    segs: list[tuple[int, int, int, int]] = []  # key, delta, param, decays
-    perms: list[torch.Tensor] = []
-    perm_len = 0
-    rots: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}  # (seed, nb) -> (offset, stride, R)
-    rot_len = 0
-    parts = []  # per rotated unit: rows, block sizes, R offsets, R strides, dtype pair, staged, segment span
-    chunks: dict[tuple, list[np.ndarray]] = {}
-    identity_params = []
+    def decays(self, i: int) -> int:
+        return 1 if self.decay_mask is None or self.decay_mask[i] else 0
 
-    for u in units:
-        dkey = _dtype_key(u, p_dtypes, g_dtypes)
-        if u.rotation is None:
-            s = u.segments[0]
-            bases = np.arange(s.start // ID_BLOCK * ID_BLOCK, s.stop, ID_BLOCK, dtype=np.int64)
-            c = np.stack(
-                [
-                    np.full_like(bases, s.param),
-                    bases,
-                    np.maximum(bases, s.start),
-                    np.full_like(bases, s.stop),
-                    np.full_like(bases, decays(s.param)),
-                ],
-                axis=1,
-            )
-            chunks.setdefault(dkey, []).append(c)
-            identity_params.append(s.param)
-            continue
-        rot = u.rotation
-        num_vectors, length = u.shape
-        glo = len(segs)
-        multi = len(u.segments) > 1
-        if multi:
-            cum = np.cumsum([0] + [s.numel for s in u.segments])[:-1]
-            for s, key in zip(u.segments, cum, strict=True):
-                segs.append((int(key), s.start - int(key), s.param, decays(s.param)))
-            rbase, es = np.zeros(1, np.int64), 1
-        else:
-            s = u.segments[0]
-            segs.append((0, 0, s.param, decays(s.param)))
-            if u.layout == "rows":
-                rbase, es = s.start + np.arange(num_vectors, dtype=np.int64) * u.width, 1
-            elif u.layout == "cols":
-                rbase, es = s.start + np.arange(num_vectors, dtype=np.int64), u.width
-            else:
-                rbase, es = np.array([s.start], np.int64), 1
-        ghi = len(segs)
-        perm = rot.permutation(device, cache=False)
-        poff = -1
-        if perm is not None:
-            poff = perm_len
-            perms.append(perm.to(torch.int32) if length < 2**31 else perm)
-            perm_len += length
-        n = rot.block_size
-        q0 = np.arange(rot.num_blocks, dtype=np.int64) * n
-        nbs = np.full(rot.num_blocks, n, np.int64)
-        if rot.residual:
-            q0 = np.r_[q0, rot.num_blocks * n]
-            nbs = np.r_[nbs, rot.residual]
-        for nb in np.unique(nbs).tolist():
-            if (rot.seed, nb, rot.structure) not in rots:
-                r = rot.block() if nb == n else rot.residual_block()
-                stride = -(-nb // 16) * 16
-                rots[(rot.seed, nb, rot.structure)] = (rot_len, stride, r)
-                rot_len += stride * nb
-        if multi:
-            mlo = glo + np.searchsorted(cum, q0, side="right") - 1
-            mhi = glo + np.searchsorted(cum, q0 + nbs - 1, side="right")
-        else:
-            mlo, mhi = np.full_like(q0, glo), np.full_like(q0, ghi)
-        rows = np.empty((len(rbase), len(q0), ROW_FIELDS), np.int64)
-        rows[..., 0] = rbase[:, None]
-        rows[..., 1] = q0
-        rows[..., 2] = es
-        rows[..., 3] = glo
-        rows[..., 4] = ghi
-        rows[..., 5] = mlo
-        rows[..., 6] = mhi
-        rows[..., 7] = poff
-        rows[..., 8] = u.params[0]
-        reps = len(rbase)
-        offs = np.array([rots[(rot.seed, nb, rot.structure)][0] for nb in nbs.tolist()], np.int64)
-        strides = np.array([rots[(rot.seed, nb, rot.structure)][1] for nb in nbs.tolist()], np.int64)
-        # Gathers through pi, strided columns and multi-tensor units go through the workspace first.
-        staged = poff >= 0 or es != 1 or multi
-        parts.append(
-            (
-                rows.reshape(-1, ROW_FIELDS),
-                np.tile(nbs, reps),
-                np.tile(offs, reps),
-                np.tile(strides, reps),
-                dkey,
-                staged,
-                ghi - glo,
-            )
-        )
 
-    # Rotated block-rows: classes (dtypes, staged, width, aligned) -> one launch each; sorted by block size
-    # and tiled. Aligned classes (block sizes multiples of 16) come first, so their workspace offsets are too.
+def _identity_chunks(u: Unit, tables: _Tables) -> np.ndarray:
+    """The chunks (CHUNK_FIELDS) of an identity unit's single segment."""
+    s = u.segments[0]
+    bases = np.arange(s.start // ID_BLOCK * ID_BLOCK, s.stop, ID_BLOCK, dtype=np.int64)
+    return np.stack(
+        [
+            np.full_like(bases, s.param),
+            bases,
+            np.maximum(bases, s.start),
+            np.full_like(bases, s.stop),
+            np.full_like(bases, tables.decays(s.param)),
+        ],
+        axis=1,
+    )
+
+
+def _add_segments(u: Unit, tables: _Tables) -> tuple[np.ndarray | None, np.ndarray, int]:
+    """Appends a rotated unit's segments; returns the members' cumulative offsets (None for a single-tensor
+    unit), the virtual bases ``rbase`` of its vectors and their element stride ``es``."""
+    num_vectors = u.shape[0]
+    if len(u.segments) > 1:
+        cum = np.cumsum([0] + [s.numel for s in u.segments])[:-1]
+        for s, key in zip(u.segments, cum, strict=True):
+            tables.segs.append((int(key), s.start - int(key), s.param, tables.decays(s.param)))
+        return cum, np.zeros(1, np.int64), 1
+    s = u.segments[0]
+    tables.segs.append((0, 0, s.param, tables.decays(s.param)))
+    if u.layout == "rows":
+        return None, s.start + np.arange(num_vectors, dtype=np.int64) * u.width, 1
+    if u.layout == "cols":
+        return None, s.start + np.arange(num_vectors, dtype=np.int64), u.width
+    return None, np.array([s.start], np.int64), 1
+
+
+def _add_permutation(u: Unit, tables: _Tables) -> int:
+    """Appends the unit's permutation, if any; returns its offset in ``perm`` (-1: none)."""
+    perm = u.rotation.permutation(tables.device, cache=False)
+    if perm is None:
+        return -1
+    poff = tables.perm_len
+    length = u.shape[1]
+    tables.perms.append(perm.to(torch.int32) if length < 2**31 else perm)
+    tables.perm_len += length
+    return poff
+
+
+def _add_blocks(u: Unit, tables: _Tables) -> tuple[np.ndarray, np.ndarray]:
+    """The first coordinate and size of each of the unit's blocks; registers each R not yet in ``rot``."""
+    rot = u.rotation
+    n = rot.block_size
+    q0 = np.arange(rot.num_blocks, dtype=np.int64) * n
+    nbs = np.full(rot.num_blocks, n, np.int64)
+    if rot.residual:
+        q0 = np.r_[q0, rot.num_blocks * n]
+        nbs = np.r_[nbs, rot.residual]
+    for nb in np.unique(nbs).tolist():
+        if (rot.seed, nb, rot.structure) not in tables.rots:
+            r = rot.block() if nb == n else rot.residual_block()
+            stride = -(-nb // 16) * 16
+            tables.rots[(rot.seed, nb, rot.structure)] = (tables.rot_len, stride, r)
+            tables.rot_len += stride * nb
+    return q0, nbs
+
+
+def _rotated_part(u: Unit, dkey: tuple, tables: _Tables) -> tuple:
+    """One rotated unit's block-rows: rows, block sizes, R offsets, R strides, dtype pair, staged, segment span."""
+    rot = u.rotation
+    glo = len(tables.segs)
+    cum, rbase, es = _add_segments(u, tables)
+    ghi = len(tables.segs)
+    poff = _add_permutation(u, tables)
+    q0, nbs = _add_blocks(u, tables)
+    multi = cum is not None
+    if multi:
+        mlo = glo + np.searchsorted(cum, q0, side="right") - 1
+        mhi = glo + np.searchsorted(cum, q0 + nbs - 1, side="right")
+    else:
+        mlo, mhi = np.full_like(q0, glo), np.full_like(q0, ghi)
+    rows = np.empty((len(rbase), len(q0), ROW_FIELDS), np.int64)
+    rows[..., 0] = rbase[:, None]
+    rows[..., 1] = q0
+    rows[..., 2] = es
+    rows[..., 3] = glo
+    rows[..., 4] = ghi
+    rows[..., 5] = mlo
+    rows[..., 6] = mhi
+    rows[..., 7] = poff
+    rows[..., 8] = u.params[0]
+    reps = len(rbase)
+    offs = np.array([tables.rots[(rot.seed, nb, rot.structure)][0] for nb in nbs.tolist()], np.int64)
+    strides = np.array([tables.rots[(rot.seed, nb, rot.structure)][1] for nb in nbs.tolist()], np.int64)
+    # Gathers through pi, strided columns and multi-tensor units go through the workspace first.
+    staged = poff >= 0 or es != 1 or multi
+    return (
+        rows.reshape(-1, ROW_FIELDS),
+        np.tile(nbs, reps),
+        np.tile(offs, reps),
+        np.tile(strides, reps),
+        dkey,
+        staged,
+        ghi - glo,
+    )
+
+
+def _class_rows(parts: list[tuple], members: list[int], width: int, aligned: bool) -> tuple[np.ndarray, ...]:
+    """The members' block-rows of one (width, aligned) class, with their block sizes, R offsets and strides,
+    stably sorted by block size."""
+    sel = []
+    for idx in members:
+        rows, nbs, offs, strides = parts[idx][:4]
+        keep = np.array([(width_class(nb), nb % 16 == 0) == (width, aligned) for nb in nbs.tolist()])
+        sel.append((rows[keep], nbs[keep], offs[keep], strides[keep]))
+    rows, nbs, offs, strides = (np.concatenate([s[k] for s in sel]) for k in range(4))
+    order = np.argsort(nbs, kind="stable")
+    return rows[order], nbs[order], offs[order], strides[order]
+
+
+def _tiles(nbs, offs, strides, bm: int, n_rows: int, ws_numel: int) -> tuple[list[tuple], int]:
+    """Runs of equal-size block-rows, at most ``bm`` each (TILE_FIELDS); returns them and the new workspace size."""
+    bounds = np.flatnonzero(np.diff(nbs)) + 1
+    tiles = []
+    for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(nbs)].tolist(), strict=True):
+        nb = int(nbs[lo])
+        for t0 in range(lo, hi, bm):
+            cnt = min(bm, hi - t0)
+            tiles.append((n_rows + t0, cnt, nb, int(offs[t0]), int(strides[t0]), ws_numel))
+            ws_numel += cnt * nb
+    return tiles, ws_numel
+
+
+def _rotated_launches(parts: list[tuple], device: torch.device) -> tuple[list[Launch], list[np.ndarray], int]:
+    """Rotated block-rows: classes (dtypes, staged, width, aligned) -> one launch each; sorted by block size
+    and tiled. Aligned classes (block sizes multiples of 16) come first, so their workspace offsets are too.
+    Returns the launches, their block-rows in table order and the workspace size."""
     classes: dict[tuple, list[int]] = {}
     for idx, part in enumerate(parts):
         for cls in sorted({(width_class(nb), nb % 16 == 0) for nb in part[1].tolist()}):
@@ -247,23 +286,8 @@ def build_plan(
     n_rows = ws_numel = 0
     for (dkey, staged, width, aligned), members in sorted(classes.items(), key=lambda kv: not kv[0][3]):
         meta, warps, stages = tile_config(width)
-        bm = meta["BLOCK_M"]
-        sel = []
-        for idx in members:
-            rows, nbs, offs, strides = parts[idx][:4]
-            keep = np.array([(width_class(nb), nb % 16 == 0) == (width, aligned) for nb in nbs.tolist()])
-            sel.append((rows[keep], nbs[keep], offs[keep], strides[keep]))
-        rows, nbs, offs, strides = (np.concatenate([s[k] for s in sel]) for k in range(4))
-        order = np.argsort(nbs, kind="stable")
-        rows, nbs, offs, strides = rows[order], nbs[order], offs[order], strides[order]
-        bounds = np.flatnonzero(np.diff(nbs)) + 1
-        tiles = []
-        for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(nbs)].tolist(), strict=True):
-            nb = int(nbs[lo])
-            for t0 in range(lo, hi, bm):
-                cnt = min(bm, hi - t0)
-                tiles.append((n_rows + t0, cnt, nb, int(offs[t0]), int(strides[t0]), ws_numel))
-                ws_numel += cnt * nb
+        rows, nbs, offs, strides = _class_rows(parts, members, width, aligned)
+        tiles, ws_numel = _tiles(nbs, offs, strides, meta["BLOCK_M"], n_rows, ws_numel)
         meta = dict(
             meta,
             STAGED=staged,
@@ -275,14 +299,43 @@ def build_plan(
         launches.append(Launch(True, table, len(tiles), dkey[0], dkey[1], meta, warps, stages))
         all_rows.append(rows)
         n_rows += len(rows)
+    return launches, all_rows, ws_numel
+
+
+def _rot_table(tables: _Tables) -> np.ndarray:
+    """Every registered R, fp32 row-major with padded row stride, in one flat table."""
+    rot_table = np.zeros(max(tables.rot_len, 1), np.float32)
+    for off, stride, r in tables.rots.values():
+        nb = r.shape[0]
+        rot_table[off : off + stride * nb].reshape(nb, stride)[:, :nb] = r.cpu().numpy()
+    return rot_table
+
+
+def build_plan(
+    units: Sequence[Unit],
+    p_dtypes: Sequence[torch.dtype | None],
+    g_dtypes: Sequence[torch.dtype | None],
+    decay_mask: Sequence[bool] | None,
+    device: torch.device,
+) -> Plan:
+    """Tables and launches for one call's units (see the module docstring)."""
+    touched = list(dict.fromkeys(i for u in units for i in u.params))
+    tables = _Tables(decay_mask, device)
+    parts = []  # per rotated unit: rows, block sizes, R offsets, R strides, dtype pair, staged, segment span
+    chunks: dict[tuple, list[np.ndarray]] = {}
+    identity_params = []
+    for u in units:
+        dkey = _dtype_key(u, p_dtypes, g_dtypes)
+        if u.rotation is None:
+            chunks.setdefault(dkey, []).append(_identity_chunks(u, tables))
+            identity_params.append(u.segments[0].param)
+        else:
+            parts.append(_rotated_part(u, dkey, tables))
+
+    launches, all_rows, ws_numel = _rotated_launches(parts, device)
     for (pdt, gdt), cs in chunks.items():
         table = torch.from_numpy(np.concatenate(cs)).to(device)
         launches.append(Launch(False, table, len(table), pdt, gdt, dict(BLOCK=ID_BLOCK), 4, 1))
-
-    rot_table = np.zeros(max(rot_len, 1), np.float32)
-    for off, stride, r in rots.values():
-        nb = r.shape[0]
-        rot_table[off : off + stride * nb].reshape(nb, stride)[:, :nb] = r.cpu().numpy()
 
     def upload(values) -> torch.Tensor:
         # Empty tables still get one row: kernels take a valid base pointer and never read it.
@@ -290,16 +343,16 @@ def build_plan(
         return torch.from_numpy(values).to(device)
 
     # int32 index math unless some flat offset, unit position or permutation-table offset reaches 2^31.
-    largest = max([s.stop for u in units for s in u.segments] + [u.shape[1] for u in units] + [perm_len])
+    largest = max([s.stop for u in units for s in u.segments] + [u.shape[1] for u in units] + [tables.perm_len])
     return Plan(
         launches=launches,
         wide=largest >= 2**31,
         touched=touched,
         identity_params=identity_params,
         rows=upload(np.concatenate(all_rows) if all_rows else []),
-        segments=upload(segs),
-        perm=torch.cat(perms) if perms else torch.zeros(1, dtype=torch.int32, device=device),
-        rot=torch.from_numpy(rot_table).to(device),
+        segments=upload(tables.segs),
+        perm=torch.cat(tables.perms) if tables.perms else torch.zeros(1, dtype=torch.int32, device=device),
+        rot=torch.from_numpy(_rot_table(tables)).to(device),
         ws_numel=ws_numel,
     )
 
