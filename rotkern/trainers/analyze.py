@@ -848,8 +848,23 @@ def console_summary(summary: str, n_runs: int) -> str:
 
 
 def summary_md(a: dict) -> str:
-    runs, scopes = a["runs"], a["scopes"]
+    runs = a["runs"]
     lines = ["# Analysis", ""]
+    lines += _runs_md(a)
+    lines += _scopes_md(a)
+    lines += _hessian_md(runs)
+    lines += ["", "## Orderings of the paper (Sec. 4.2, App. C.4)", ""]
+    lines += [f"- {o['sentence']}" for o in a["orderings"]]
+    notes = [f"- {r['label']}: {n}" for r in runs for n in r["notes"]]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _runs_md(a: dict) -> list[str]:
+    """summary.md's per-run table, its legend and the CV per layer type."""
+    runs = a["runs"]
+    lines: list[str] = []
     lines += [
         "## Runs",
         "",
@@ -882,6 +897,13 @@ def summary_md(a: dict) -> str:
         for r in runs:
             per = (r["orthogonality"] or {}).get("per_layer_type", {})
             lines.append(f"| {r['label']} | " + " | ".join(_f(per.get(t, {}).get("cv")) for t in types) + " |")
+    return lines
+
+
+def _scopes_md(a: dict) -> list[str]:
+    """summary.md's per-scope table and the CV over resumed training steps."""
+    scopes = a["scopes"]
+    lines: list[str] = []
     if any(s["n"] > 1 for s in scopes.values()) or len(scopes) > 1:
         lines += [
             "",
@@ -920,6 +942,12 @@ def summary_md(a: dict) -> str:
             "over the matrices was measured after every step; with several seeds the CVs are averaged per resumed "
             "step first, and ± is the sample std over the steps. CV at checkpoint: the table above (± over seeds).",
         ]
+    return lines
+
+
+def _hessian_md(runs: list[dict]) -> list[str]:
+    """summary.md's Hessian rows table (runs that measured them)."""
+    lines: list[str] = []
     hess = [r for r in runs if r["hessian"]]
     if hess:
         lines += [
@@ -944,12 +972,7 @@ def summary_md(a: dict) -> str:
             "averaged over the rows; update dw = one more training step from the checkpoint, random dw = a random "
             "unit vector.",
         ]
-    lines += ["", "## Orderings of the paper (Sec. 4.2, App. C.4)", ""]
-    lines += [f"- {o['sentence']}" for o in a["orderings"]]
-    notes = [f"- {r['label']}: {n}" for r in runs for n in r["notes"]]
-    if notes:
-        lines += ["", "## Notes", "", *notes]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _by_scope(runs: list[dict]) -> dict[str, list[dict]]:

@@ -511,20 +511,7 @@ def compare(cfg: CompareConfig) -> dict:
     variants = compare_variants(cfg)
     by_label = {v.label: v for v in variants}
     labels = list(by_label)
-    if any(v.scope in ALL_SCOPES for v in variants) and cfg.optimizer not in ("rotated-eager", "rotated-fused"):
-        raise TrainerError(f"compare runs rotated AdamW under each scope; --optimizer={cfg.optimizer} has no scope")
-    if cfg.switch_at or cfg.switch_to:
-        raise TrainerError(
-            "compare runs each scope throughout; --switch_at/--switch_to belong to train "
-            "(benchmarks/switch_basis.py compares switched runs)"
-        )
-    if not 0.0 <= cfg.ema < 1.0:
-        raise TrainerError(f"--ema={cfg.ema} must lie in [0, 1)")
-    if not cfg.out_dir:
-        raise TrainerError("compare reads its runs back from --out_dir; it cannot be empty")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # The summary is read from the logs, which only rank 0 writes.
-        raise TrainerError("compare runs one process; launch it without torchrun (train takes torchrun)")
+    _refuse(cfg, variants)
     seeds = parse_seeds(cfg.seeds, cfg.seed)
     out = Path(cfg.out_dir)
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -555,36 +542,9 @@ def compare(cfg: CompareConfig) -> dict:
     width = max(6, *(len(x) for x in labels)) if kinds == "runs" else 6
     runs: dict[tuple[str, int], dict] = {}
     for i, ((seed, label, run_cfg), (state, ckpt)) in enumerate(zip(jobs, states, strict=True)):
-        folder = Path(run_cfg.out_dir)
-        tag = f"[{i + 1}/{len(jobs)} {label:>{width}}" + (f" seed {seed}]" if len(seeds) > 1 else "]")
-        if state != "done":
-            t0 = time.perf_counter()
-            last: dict = {}
-            # A live bar on a terminal (stderr, gone when the run ends); one line per run either way.
-            bar = tqdm(total=stop, desc=f"  {tag}", unit="step", leave=False, disable=None, file=sys.stderr)
-
-            def progress(rec: dict, bar=bar, last=last) -> None:
-                last.update(rec)
-                bar.update(rec["step"] - bar.n)
-                bar.set_postfix_str(f"loss {rec['loss']:.4f}", refresh=False)
-
-            if state == "resume":
-                print(f"  {tag} resuming from {ckpt}", flush=True)
-            try:
-                train(dataclasses.replace(run_cfg, resume=ckpt), on_step=progress)
-            finally:
-                bar.close()
-            val = f" val {last['val_loss']:.4f}" if "val_loss" in last else ""
-            loss = f" loss {last['loss']:.4f}" if "loss" in last else ""
-            print(f"  {tag} {stop} steps{loss}{val} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        # Finished runs, whether trained now or earlier, are read back from their logs alike, so a resumed
-        # compare's summary is the one an uninterrupted compare writes.
-        log = read_log(folder / "log.jsonl", stop, cfg.eval_every)
-        if not log["finished"]:
-            raise TrainerError(f"{folder / 'log.jsonl'} does not hold steps 1..{stop} and a final record")
-        if state == "done":
-            print(f"  {tag} finished earlier in {folder}: loss {log['curve'][-1]:.4f}", flush=True)
-        runs[label, seed] = {"dir": str(folder.relative_to(out)), **log}
+        runs[label, seed] = _run(
+            cfg, out, stop, seeds, width, f"{i + 1}/{len(jobs)}", seed, label, run_cfg, state, ckpt
+        )
     groups = []
     for value, members in _sweep_groups(variants, cfg):
         groups.append({"value": value, **_summarise(cfg, runs, members, by_label, seeds)})
@@ -631,6 +591,70 @@ def compare(cfg: CompareConfig) -> dict:
             if result["sweep_plot"]:
                 print(f"sweep: {result['sweep_plot']}")
     return result
+
+
+def _refuse(cfg: CompareConfig, variants: list[Variant]) -> None:
+    """TrainerError for a compare that cannot run: no scope for the optimizer, switching, no out_dir, torchrun."""
+    if any(v.scope in ALL_SCOPES for v in variants) and cfg.optimizer not in ("rotated-eager", "rotated-fused"):
+        raise TrainerError(f"compare runs rotated AdamW under each scope; --optimizer={cfg.optimizer} has no scope")
+    if cfg.switch_at or cfg.switch_to:
+        raise TrainerError(
+            "compare runs each scope throughout; --switch_at/--switch_to belong to train "
+            "(benchmarks/switch_basis.py compares switched runs)"
+        )
+    if not 0.0 <= cfg.ema < 1.0:
+        raise TrainerError(f"--ema={cfg.ema} must lie in [0, 1)")
+    if not cfg.out_dir:
+        raise TrainerError("compare reads its runs back from --out_dir; it cannot be empty")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The summary is read from the logs, which only rank 0 writes.
+        raise TrainerError("compare runs one process; launch it without torchrun (train takes torchrun)")
+
+
+def _run(
+    cfg: CompareConfig,
+    out: Path,
+    stop: int,
+    seeds: list[int],
+    width: int,
+    count: str,
+    seed: int,
+    label: str,
+    run_cfg: TrainConfig,
+    state: str,
+    ckpt,
+) -> dict:
+    """Train (or resume) one run of a compare unless it finished earlier; its log read back, with its folder."""
+    folder = Path(run_cfg.out_dir)
+    tag = f"[{count} {label:>{width}}" + (f" seed {seed}]" if len(seeds) > 1 else "]")
+    if state != "done":
+        t0 = time.perf_counter()
+        last: dict = {}
+        # A live bar on a terminal (stderr, gone when the run ends); one line per run either way.
+        bar = tqdm(total=stop, desc=f"  {tag}", unit="step", leave=False, disable=None, file=sys.stderr)
+
+        def progress(rec: dict, bar=bar, last=last) -> None:
+            last.update(rec)
+            bar.update(rec["step"] - bar.n)
+            bar.set_postfix_str(f"loss {rec['loss']:.4f}", refresh=False)
+
+        if state == "resume":
+            print(f"  {tag} resuming from {ckpt}", flush=True)
+        try:
+            train(dataclasses.replace(run_cfg, resume=ckpt), on_step=progress)
+        finally:
+            bar.close()
+        val = f" val {last['val_loss']:.4f}" if "val_loss" in last else ""
+        loss = f" loss {last['loss']:.4f}" if "loss" in last else ""
+        print(f"  {tag} {stop} steps{loss}{val} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    # Finished runs, whether trained now or earlier, are read back from their logs alike, so a resumed
+    # compare's summary is the one an uninterrupted compare writes.
+    log = read_log(folder / "log.jsonl", stop, cfg.eval_every)
+    if not log["finished"]:
+        raise TrainerError(f"{folder / 'log.jsonl'} does not hold steps 1..{stop} and a final record")
+    if state == "done":
+        print(f"  {tag} finished earlier in {folder}: loss {log['curve'][-1]:.4f}", flush=True)
+    return {"dir": str(folder.relative_to(out)), **log}
 
 
 def _summarise(
