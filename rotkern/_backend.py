@@ -1,4 +1,10 @@
-"""Backend selection: which implementation of a fused op runs for a given tensor.
+"""Backend selection: which implementation of a fused op runs for a given tensor, from one table.
+
+:data:`BACKEND_TABLE` has, per backend, why it cannot run on a tensor, its launcher (imported on first use), and
+what it can do (capturable, GradScaler's tensors in the kernel, moment dtypes, the two-sided kernel of the
+dynamic bases); :func:`rotkern.kernels.dispatch.rotated_adamw` reads it. ``auto`` tries :data:`AUTO_ORDER` in
+order. A new backend is one kernels file (its launcher, with :func:`rotkern.kernels.reference.rotated_adamw_ref`'s
+signature), one :class:`Backend` entry here and its test.
 
 ``ROTKERN_BACKEND`` (``auto`` | ``triton`` | ``ext`` | ``eager``) overrides what the caller asked for.
 ``auto`` picks Triton when it can run on the tensor, else the compiled extension ``rotkern._C`` when it is
@@ -13,14 +19,20 @@ tables, which only hold valid addresses for the memory the program actually runs
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
 __all__ = [
+    "AUTO_ORDER",
     "BACKENDS",
+    "BACKEND_TABLE",
+    "Backend",
     "PRECISIONS",
     "can_run_triton",
     "ext_available",
@@ -33,7 +45,6 @@ __all__ = [
     "why_not_triton",
 ]
 
-BACKENDS = ("auto", "triton", "ext", "eager")
 # tl.dot input precisions of the fused rotations (here so that callers need not import triton).
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
@@ -141,6 +152,79 @@ def why_not_ext(t: torch.Tensor) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the rotated AdamW step.
+
+    Attributes:
+        name: what ``backend=`` and ``ROTKERN_BACKEND`` call it; ``label``: how a fallback message names it.
+        why_not: a tensor -> None when the backend can run on its device, else the reason it cannot.
+        launcher: ``"module:function"`` of its step, :func:`rotkern.kernels.reference.rotated_adamw_ref`'s
+            signature (imported on first use, so that choosing a backend imports neither triton nor the extension).
+        options: the keyword arguments beyond the reference's that the launcher takes (the dispatch passes them).
+        two_sided: ``"module:function"`` of its step of a dynamic unit with dense bases, or None (such units take
+            the eager reference).
+        capturable: a CUDA graph can replay its step (it reads nothing on the host).
+        scales_in_kernel: it takes GradScaler's ``grad_scale`` / ``found_inf`` as device tensors.
+        tensor_hypers: it reads tensor ``lr`` / betas as tensors (else the dispatch passes floats).
+        moment_dtypes: the compute dtypes of the moments it keeps.
+        op: ``"module:function"`` of its step as a torch.library op, which torch.compile calls without a graph
+            break (None: the launcher is called, traced or not per ``in_graph``).
+        in_graph: torch.compile may trace into the launcher (False: it runs outside the graph).
+    """
+
+    name: str
+    label: str
+    why_not: Callable[[torch.Tensor], str | None]
+    launcher: str
+    options: tuple[str, ...] = ()
+    two_sided: str | None = None
+    capturable: bool = False
+    scales_in_kernel: bool = False
+    tensor_hypers: bool = False
+    moment_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    op: str | None = None
+    in_graph: bool = True
+
+    def load(self, which: str = "launcher") -> Callable:
+        """The launcher (or ``which="two_sided"`` / ``"op"``: the two-sided step, the op), imported now."""
+        path = getattr(self, which)
+        fn = _LOADED.get(path)  # a plain dict read: torch.compile takes the loaded function as a constant
+        return fn if fn is not None else _import(path)
+
+
+_LOADED: dict[str, Callable] = {}
+
+
+@torch.compiler.disable
+def _import(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    _LOADED[path] = fn = getattr(importlib.import_module(module), name)
+    return fn
+
+
+def _runs_anywhere(t: torch.Tensor) -> str | None:
+    return None
+
+
+BACKEND_TABLE: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("triton", "Triton", why_not_triton, "rotkern.kernels.rotated_adamw_step:rotated_adamw_step",
+                options=("precision", "plan_cache"), two_sided="rotkern.kernels.two_sided_adamw:two_sided_adamw_step",
+                capturable=True, scales_in_kernel=True, tensor_hypers=True,
+                op="rotkern.kernels.rotated_adamw_step:rotated_adamw_step_op"),
+        Backend("ext", "the extension", why_not_ext, "rotkern.kernels.ext:rotated_adamw_step_ext",
+                scales_in_kernel=True, tensor_hypers=True),
+        Backend("eager", "the eager reference", _runs_anywhere, "rotkern.kernels.reference:rotated_adamw_ref",
+                moment_dtypes=(torch.float32, torch.float64), in_graph=False),
+    )
+}  # fmt: skip
+# What backend="auto" tries, in order: the first that can run on the params' device runs.
+AUTO_ORDER = ("triton", "ext", "eager")
+BACKENDS = ("auto", *BACKEND_TABLE)
+
+
 def resolve_backend(requested: str, example: torch.Tensor) -> str:
     """The backend that runs: ``"triton"``, ``"ext"`` or ``"eager"``.
 
@@ -154,19 +238,20 @@ def resolve_backend(requested: str, example: torch.Tensor) -> str:
     choice = env.strip().lower() if env else requested
     if choice not in BACKENDS:
         raise ValueError(f"{source}={choice!r} is not one of {', '.join(map(repr, BACKENDS))}")
-    if choice == "eager":
-        return "eager"
-    if choice in ("triton", "ext"):
-        reason = why_not_triton(example) if choice == "triton" else why_not_ext(example)
+    if choice != "auto":
+        reason = BACKEND_TABLE[choice].why_not(example)
         if reason is not None:
             raise RuntimeError(f"{source}={choice!r} {reason}; got {example.device} params")
         return choice
-    reason = why_not_triton(example)
-    picked = "triton"
-    if reason is not None:
-        ext_reason = why_not_ext(example)
-        picked = "ext" if ext_reason is None else "eager"
-        reason = None if ext_reason is None else f"{reason}; the extension {ext_reason}"
+    reasons = []  # why the backends before the picked one cannot run
+    for name in AUTO_ORDER:
+        backend = BACKEND_TABLE[name]
+        why = backend.why_not(example)
+        if why is None:
+            picked = name
+            break
+        reasons.append(why if not reasons else f"{backend.label} {why}")
+    reason = "; ".join(reasons) or None
     if picked == "eager":
         warn_fallback("auto", reason, example.device.type)
         return picked

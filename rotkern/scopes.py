@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bases import DynamicRotation, EigenRotation, SvdRotation
+from .bases import DYNAMIC_BASES, DynamicRotation, EigenRotation, SvdRotation
 from .rotations import BlockRotation, check_block_size, check_structure
 
 __all__ = [
@@ -91,7 +91,7 @@ __all__ = [
 # The seeded, fixed scopes: every backend (Triton kernels included) runs these.
 SCOPES = ("none", "global", "layer", "output", "input")
 # Scopes whose rotation is recomputed from the gradient during training: eager torch ops only.
-DYNAMIC_SCOPES = ("svd", "eigen")
+DYNAMIC_SCOPES = tuple(DYNAMIC_BASES)  # svd, eigen (rotkern.bases), and any family registered there
 # Every accepted value of the ``rotation`` option.
 ALL_SCOPES = SCOPES + DYNAMIC_SCOPES
 ROLES = ("matrix", "qkv", "embedding", "vector")
@@ -130,7 +130,7 @@ class Unit:
     segments: tuple[Segment, ...]
     width: int
     shape: tuple[int, int]
-    rotation: BlockRotation | SvdRotation | None
+    rotation: BlockRotation | DynamicRotation | None
 
     @functools.cached_property
     def params(self) -> tuple[int, ...]:
@@ -196,12 +196,8 @@ def check_qkv_pieces(value: object, name: str = "qkv_pieces") -> str:
 def _dynamic_rotation(
     scope: str, k: int, width: int, piece: int, num_pieces: int, max_precond_dim: int
 ) -> DynamicRotation:
-    """The rotation of one (k, width) piece of a dynamic scope (``svd`` or ``eigen``)."""
-    return (
-        SvdRotation(k, width, piece, num_pieces)
-        if scope == "svd"
-        else EigenRotation(k, width, piece, num_pieces, max_dim=max_precond_dim)
-    )
+    """The rotation of one (k, width) piece of a dynamic scope (a family of :data:`rotkern.bases.DYNAMIC_BASES`)."""
+    return DYNAMIC_BASES[scope].for_unit(k, width, piece, num_pieces, max_precond_dim=max_precond_dim)
 
 
 def _check_build_args(

@@ -884,7 +884,7 @@ def _check_tensors(i: int, checks: list, device: torch.device, first: int) -> No
 # %% torch.library op --------------------------------------------------------------------------------------
 # torch.compile sees the step as this one opaque op (with a fake implementation: it returns nothing and mutates
 # its inputs), instead of tracing into the launcher's host code (numpy tables, data pointers), which would break
-# the graph. The units and the plan cache stay on the caller, found through ``handle`` (kernels._op_registry).
+# the graph. The units and the plan cache come as data, a StepContext found by its key (kernels._op_registry).
 @torch.library.custom_op(
     "rotkern::rotated_adamw_step",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
@@ -898,8 +898,9 @@ def rotated_adamw_step_op(
     state_steps: list[torch.Tensor],
     scalars: list[torch.Tensor | None],
     floats: list[float],
-    handle: int,
+    context: int,
     group: int,
+    precision: str,
     active: list[int],
     num_params: int,
     decay: list[int],
@@ -908,12 +909,14 @@ def rotated_adamw_step_op(
 ) -> None:
     """:func:`rotated_adamw_step` as a torch.library op. Tensors come for the touched params only, in the order the
     active units first name them; ``scalars`` = [lr, beta1, beta2, grad_scale, found_inf] (None: not a tensor),
-    ``floats`` = [lr, beta1, beta2, eps, weight_decay] (the values used where ``scalars`` has None); ``active``:
-    indices of the stepped units in ``owner.op_context(group)[0]``; ``decay``: the group's decay mask (empty:
-    none). The owner (``handle``) provides ``op_context(group) -> (units, precision, plan_cache)``."""
+    ``floats`` = [lr, beta1, beta2, eps, weight_decay] (the values used where ``scalars`` has None); ``context``:
+    the key of the optimizer's :class:`~rotkern.kernels._op_registry.StepContext` (units per group, plan
+    cache); ``active``: indices of the stepped units in ``units[group]``; ``decay``: the group's decay mask (empty:
+    none)."""
     from ._op_registry import lookup
 
-    all_units, precision, cache = lookup(handle).op_context(group)
+    step_context = lookup(context)
+    all_units = step_context.units[group]
     units = [all_units[k] for k in active]
     touched = list(dict.fromkeys(i for u in units for i in u.params))
 
@@ -930,11 +933,12 @@ def rotated_adamw_step_op(
         lr=floats[0] if lr is None else lr, beta1=floats[1] if beta1 is None else beta1,
         beta2=floats[2] if beta2 is None else beta2, eps=floats[3], weight_decay=floats[4],
         decay_mask=[bool(d) for d in decay] if decay else None, amsgrad=amsgrad, maximize=maximize,
-        grad_scale=grad_scale, found_inf=found_inf, precision=precision, plan_cache=cache,
+        grad_scale=grad_scale, found_inf=found_inf, precision=precision, plan_cache=step_context.plans,
     )  # fmt: skip
 
 
 @rotated_adamw_step_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, scalars, floats, handle, group, active,
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, scalars, floats, context, group, precision,
+      active,
       num_params, decay, amsgrad, maximize) -> None:  # fmt: skip
     return None

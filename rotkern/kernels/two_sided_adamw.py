@@ -2,7 +2,8 @@
 
 One (k, w) matrix unit with bases L (k, k) and R (w, w) (an eigen unit's Q_L, Q_R; an svd unit whose sides are
 square, i.e. not kept as Householder reflectors) steps as :func:`rotkern.kernels.reference.rotated_adamw_ref`
-steps it, given the bases the reference's basis management (SVD / eigh / refresh / transport / reset) left:
+steps it (:func:`rotkern.kernels.reference.two_sided_adamw_ref` is the spec), given the bases the lifecycle of
+:mod:`rotkern.bases` (SVD / eigh / refresh / transport / reset) left:
 
     g~  = L^T G R                     (or a given g~: the padded S of an svd recompute step; negated G if maximize)
     m   = lerp(m, g~, 1 - b1)         moments in the rotated coordinates, fp32, in place
@@ -61,7 +62,7 @@ from .rotated_adamw_step import (
     _round_to,
 )
 
-__all__ = ["two_sided_adamw_ref", "two_sided_adamw_step"]
+__all__ = ["two_sided_adamw_step"]
 
 # Epilogues of _two_sided_kernel.
 _STORE, _ADAM, _APPLY = 0, 1, 2
@@ -338,68 +339,3 @@ def two_sided_adamw_step(
             run(ws_u, (kw, w, 1), r3, mat(r3, transpose=True), None, w, _APPLY, dot=True)
         else:
             run(ws_u, (kw, w, 1), None, (0, 0, 0), None, w, _APPLY, dot=False)
-
-
-# %% eager twin ---------------------------------------------------------------------------------------
-def two_sided_adamw_ref(
-    p: torch.Tensor,
-    g: torch.Tensor | None,
-    m: torch.Tensor,
-    v: torch.Tensor,
-    vmax: torch.Tensor | None,
-    L: torch.Tensor | None,
-    R: torch.Tensor | None,
-    *,
-    lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: float,
-    decay: bool = True,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    g_rot: torch.Tensor | None = None,
-    precision: str = "ieee",
-) -> None:
-    """:func:`two_sided_adamw_step` in plain torch, in place, with :func:`rotated_adamw_ref`'s op order: the spec.
-
-    Any device; the moments' dtype is the compute dtype (fp32, or fp64 for an fp64 anchor). ``precision`` is
-    accepted for signature parity and ignored.
-    """
-    del precision
-    lr = float(lr)
-    cdt = m.dtype
-    if g_rot is not None:
-        gt = g_rot.to(cdt)
-    else:
-        gt = g.to(cdt)
-        if maximize:
-            gt = -gt
-        if L is not None:
-            gt = L.to(cdt).mT @ gt
-        if R is not None:
-            gt = gt @ R.to(cdt)
-    step = float(step)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    m.lerp_(gt, 1 - beta1)
-    v.mul_(beta2).addcmul_(gt, gt, value=1 - beta2)
-    if amsgrad:
-        torch.maximum(vmax, v, out=vmax)
-        denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
-    else:
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    update = m / denom
-    if eps == 0:
-        update = torch.where(denom > 0, update, 0.0)
-    if R is not None:  # d = L (u R^T): DynamicRotation.unrotate's order
-        update = update @ R.to(cdt).mT
-    if L is not None:
-        update = L.to(cdt) @ update
-    p32 = p if p.dtype == cdt else p.to(cdt)
-    if weight_decay != 0 and decay:
-        p32.mul_(1 - lr * weight_decay)
-    p32.add_(update, alpha=-lr / bias_correction1)
-    if p32 is not p:
-        p.copy_(p32)

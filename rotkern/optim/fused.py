@@ -4,22 +4,19 @@ compiled extension's CPU kernel (``rotated_adamw_step_ext``)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from .._backend import BACKENDS, PRECISIONS, resolve_backend, warn_fallback
-from ..bases import DEFAULT_BASIS_CHANGE, DynamicRotation, EigenRotation, SvdRotation
-from ..kernels import _op_registry
-from ..scopes import Unit
+from .._backend import BACKEND_TABLE, BACKENDS, PRECISIONS, resolve_backend, warn_fallback
+from ..bases import DynamicRotation
+from ..kernels._op_registry import StepContext
+from ..kernels.dispatch import rotated_adamw
+from ..scopes import DYNAMIC_SCOPES, Unit
 from ._base import GroupStep
 from .rotated_adamw import RotatedAdamW, _capturable
 
 __all__ = ["FusedRotatedAdamW"]
-
-# The reference's arguments that only its dynamic-basis units read.
-_DYNAMIC_ARGS = ("svd_bases", "svd_every", "precondition_every", "shampoo_beta", "basis_change", "basis_stats")
-
 
 class FusedRotatedAdamW(RotatedAdamW):
     """:class:`rotkern.RotatedAdamW` whose step runs as a few fused Triton launches per param group.
@@ -76,24 +73,25 @@ class FusedRotatedAdamW(RotatedAdamW):
             raise ValueError(f"precision={precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
-        if backend in ("triton", "ext") and kwargs.get("compute_dtype") not in (None, torch.float32):
+        kept = BACKEND_TABLE[backend].moment_dtypes if backend in BACKEND_TABLE else ()
+        if kept and kwargs.get("compute_dtype") not in (None, *kept):
             raise ValueError(
                 f"backend={backend!r} keeps fp32 moments; compute_dtype=torch.float64 needs backend='eager'"
             )
         self.precision = precision
         self.backend = backend
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
-        if backend in ("triton", "ext") and self.compute_dtype != torch.float32:
+        if backend in BACKEND_TABLE and self.compute_dtype not in BACKEND_TABLE[backend].moment_dtypes:
             raise ValueError(
                 f"backend={backend!r} keeps fp32 moments, and float64 params compute in float64 by default: pass "
                 "backend='eager' (or 'auto'), or compute_dtype=torch.float32 to step them in fp32"
             )
         self._plans = None  # per-optimizer cache of the kernels' metadata, made on the first Triton step
-        self._op_handle = _op_registry.register(self)  # how the compiled step's op finds this optimizer
+        self._context = StepContext(_UnitsByGroup(self._unit_cache))  # what the compiled step's op reads
         # what the last (uncompiled) step ran: "triton", "ext", or "eager" if any unit ran on the eager reference
         self.backend_used: str | None = None
         self.two_sided_steps = 0  # unit steps of dynamic units run by the two-sided Triton kernel
-        # (id(param), piece) -> (the stored reflectors, their version, (L, R)): see _svd_dense
+        # (id(param), piece) -> (the stored bases, their versions, (L, R)): see rotkern.kernels.dispatch
         self._svd_dense_cache: dict[tuple, tuple] = {}
 
     _config_attrs = ("compute_dtype", "state_dtype", "basis_stats", "precision", "backend")
@@ -104,14 +102,14 @@ class FusedRotatedAdamW(RotatedAdamW):
         self.__dict__.setdefault("precision", "tf32x3")
         self.__dict__.setdefault("backend", "auto")
         self._plans = None
-        self._op_handle = _op_registry.register(self)
+        self._context = StepContext(_UnitsByGroup(self._unit_cache))
         self.backend_used = None
         self.two_sided_steps = 0
         self._svd_dense_cache = {}
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_op_handle", None)  # a copy registers itself
+        state.pop("_context", None)  # a copy makes its own
         return state
 
     def _step_device(self, p: torch.Tensor) -> torch.device:
@@ -121,7 +119,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         super()._plan_backend(plan)
         units = [u for u in plan.units if not isinstance(u.rotation, DynamicRotation)]
         # A group of dynamic units only: the backend matters when the Triton kernel can step them.
-        units = units or [u for u in plan.units if _dense_bases(u)]
+        units = units or [u for u in plan.units if u.rotation.fits_two_sided_kernel()]
         if not units:
             plan.backend = "eager"
             if _capturable(plan.group):
@@ -133,7 +131,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         reason = None
         if backend != "eager":
             devices = {params[i].device for u in units for i in u.params}
-            if self.compute_dtype != torch.float32:
+            if self.compute_dtype not in BACKEND_TABLE[backend].moment_dtypes:
                 reason = "the fused steps keep fp32 moments; compute_dtype=torch.float64 needs the eager reference"
             elif len(devices) > 1:
                 reason = (
@@ -154,7 +152,7 @@ class FusedRotatedAdamW(RotatedAdamW):
         i.e. the Triton kernels alone on tensors whose state exists; RuntimeError naming the fix otherwise."""
         group, where = plan.group, f"param group {plan.gi} (capturable=True)"
         off = f"; or set optimizer.param_groups[{plan.gi}]['capturable'] = False (e.g. after loading a checkpoint)"
-        if plan.backend != "triton":
+        if not BACKEND_TABLE[plan.backend].capturable:
             raise RuntimeError(
                 f"{where} runs on the {plan.backend!r} backend, which reads values on the host; a capturable step "
                 f"needs the Triton backend (CUDA params, or the CPU under TRITON_INTERPRET=1){off}"
@@ -186,83 +184,37 @@ class FusedRotatedAdamW(RotatedAdamW):
                 )
 
     def _may_scale_in_kernel(self) -> bool:
-        return not any(g["rotation"] in ("svd", "eigen") for g in self.param_groups)
+        return not any(g["rotation"] in DYNAMIC_SCOPES for g in self.param_groups)
 
     def _scales_in_kernel(self, plan: GroupStep) -> bool:
         return (
-            plan.backend in ("triton", "ext")
+            BACKEND_TABLE[plan.backend].scales_in_kernel
             and not plan.extra.get("sharded")
             and not any(isinstance(u.rotation, DynamicRotation) for u in plan.units)
         )
 
-    def _rotated_adamw(
-        self, plan, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, **kwargs
-    ) -> None:
-        dyn_kwargs = {k: kwargs.pop(k) for k in _DYNAMIC_ARGS if k in kwargs}
-        svd_units = [u for u in units if isinstance(u.rotation, DynamicRotation)]
-        state = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        self._note_backend(plan.backend)
-        if svd_units:
-            # Dynamic scopes: their units cover whole params, never shared with another unit (pieces of one param
-            # all alike): each steps once. Dense bases on Triton: the kernel; the rest: the eager reference.
-            fused = [u for u in svd_units if plan.backend == "triton" and _dense_bases(u)]
-            eager = [u for u in svd_units if not (plan.backend == "triton" and _dense_bases(u))]
-            if fused:
-                self._two_sided(*state, fused, **kwargs, **dyn_kwargs)
-            if eager:
-                super()._rotated_adamw(plan, *state, eager, **kwargs, **dyn_kwargs)
-                self._note_backend("eager")
-            units = [u for u in units if not isinstance(u.rotation, DynamicRotation)]
-        if not units:
-            return
-        args = (*state, units)
-        if plan.backend == "eager":
-            super()._rotated_adamw(plan, *args, **kwargs)
-            return
-        if plan.backend == "ext":
-            from ..kernels.ext import rotated_adamw_step_ext
-
-            rotated_adamw_step_ext(*args, **kwargs)
-            return
-        if torch.compiler.is_compiling() and len(units) == len(plan.units) and not plan.extra.get("sharded"):
-            self._triton_op(plan, *args, **kwargs)
-            return
-        from ..kernels.rotated_adamw_step import rotated_adamw_step  # imports triton: only on this path
-
-        _, precision, cache = self.op_context(plan.gi)
-        rotated_adamw_step(*args, precision=precision, plan_cache=cache, **kwargs)
-
-    def op_context(self, gi: int) -> tuple[list[Unit], str, object]:
-        """(units of group ``gi``, precision, the kernels' plan cache): what the Triton op reads from its caller."""
-        from ..kernels._rotated_adamw_plan import PlanCache
-
-        if self._plans is None:
-            self._plans = PlanCache()
-        # A few plans per group: the set of units with grads can change from step to step.
-        self._plans.maxsize = max(self._plans.maxsize, 4 * len(self.param_groups) + 4)
-        return self.units(gi), self.precision, self._plans
-
-    def _triton_op(
-        self, plan, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, *, lr, beta1, beta2,
-        eps, weight_decay, decay_mask=None, amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
-    ) -> None:  # fmt: skip
-        """The Triton step under torch.compile: one torch.library op (rotkern::rotated_adamw_step), so the
-        compiled step has no graph break here and reads lr, betas and GradScaler's tensors in the kernels."""
-        from ..kernels.rotated_adamw_step import rotated_adamw_step_op
-
-        touched = list(dict.fromkeys(i for u in units for i in u.params))
-
-        def pick(xs):
-            return [xs[i] for i in touched] if xs is not None else []
-
-        scalars = [x if torch.is_tensor(x) else None for x in (lr, beta1, beta2)] + [grad_scale, found_inf]
-        floats = [0.0 if torch.is_tensor(x) else float(x) for x in (lr, beta1, beta2)] + [eps, weight_decay]
-        rotated_adamw_step_op(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
-            pick(state_steps), scalars, [float(f) for f in floats], self._op_handle, plan.gi,
-            list(plan.extra["unit_indices"]), len(params),
-            [] if decay_mask is None else [int(bool(d)) for d in decay_mask], bool(amsgrad), bool(maximize),
+    def _rotated_adamw(self, plan, *args, **kwargs) -> None:
+        """The group's step through :func:`rotkern.kernels.dispatch.rotated_adamw` on the planned backend."""
+        whole = len(args[-1]) == len(plan.units) and not plan.extra.get("sharded")  # the op takes a group's units
+        run = rotated_adamw(
+            *args, backend=plan.backend, precision=self.precision, plan_cache=self._plan_cache(),
+            context=self._context if whole else None, group=plan.gi, active=plan.extra["unit_indices"],
+            sides_cache=self._svd_dense_cache, **kwargs,
         )  # fmt: skip
+        for backend in run.backends:
+            self._note_backend(backend)
+        self.two_sided_steps += run.two_sided_steps
+
+    def _plan_cache(self):
+        """The kernels' plan cache (made on the first fused step), sized for a few plans per group: the set of units
+        with grads can change from step to step."""
+        if self._plans is None:
+            from ..kernels._rotated_adamw_plan import PlanCache
+
+            self._plans = PlanCache()
+            self._context.plans = self._plans
+        self._plans.maxsize = max(self._plans.maxsize, 4 * len(self.param_groups) + 4)
+        return self._plans
 
     def _plan_steps(self) -> list[GroupStep]:
         self.backend_used = None  # set by this step's groups (_note_backend)
@@ -273,102 +225,18 @@ class FusedRotatedAdamW(RotatedAdamW):
         if self.backend_used != "eager":
             self.backend_used = backend
 
-    # Under torch.compile the dynamic units' step runs outside the graph (their basis management is host code, and
-    # the two-sided kernel is not a torch.library op): a graph break, not a trace into the Triton launcher.
-    @torch.compiler.disable
-    def _two_sided(
-        self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, units, *, lr, beta1, beta2, eps,
-        weight_decay, decay_mask=None, amsgrad=False, maximize=False, svd_bases=None, svd_every=250,
-        precondition_every=10, shampoo_beta=0.95, basis_change="auto", basis_stats=None,
-    ) -> None:  # fmt: skip
-        """:func:`rotated_adamw_ref` for dynamic units with dense bases: its basis management, then the Adam step
-        in the two-sided Triton kernel."""
-        from ..kernels.reference import (
-            _advance_steps,
-            _basis_store,
-            _flat,
-            _prefetch,
-            dynamic_bases_after,
-            dynamic_bases_before,
-        )
-        from ..kernels.two_sided_adamw import two_sided_adamw_step  # imports triton: only on this path
 
-        lr, beta1, beta2 = (x.item() if torch.is_tensor(x) else float(x) for x in (lr, beta1, beta2))
-        p_flat, g_flat = _flat(params), _flat(grads)
-        m_flat, v_flat = _flat(exp_avgs), _flat(exp_avg_sqs)
-        vmax_flat = _flat(max_exp_avg_sqs) if amsgrad else None
-        _advance_steps(state_steps, units)
-        pre = _prefetch(units, g_flat, exp_avgs, state_steps, svd_bases, maximize, svd_every=svd_every,
-                        precondition_every=precondition_every, shampoo_beta=shampoo_beta,
-                        stats=basis_stats)  # fmt: skip
-        reset_at: dict[int, float] = {}
-        for ui, unit in enumerate(units):
-            i = unit.params[0]
-            rot = unit.rotation
-            step = float(state_steps[i])
-            g_raw = unit.view(g_flat)
-            g = g_raw.to(exp_avgs[i].dtype)
-            if maximize:
-                g = -g
-            store = _basis_store(svd_bases, i)
-            change = DEFAULT_BASIS_CHANGE[unit.layout] if basis_change == "auto" else basis_change
-            m, v = unit.view(m_flat), unit.view(v_flat)
-            vmax = unit.view(vmax_flat) if amsgrad else None
-            moments = [m, v] + ([vmax] if amsgrad else [])
-            rotated = dynamic_bases_before(rot, g, store, step, svd_every=svd_every, change=change, moments=moments,
-                                           stats=basis_stats, rotate=False, decomposed=pre[ui])  # fmt: skip
-            if rotated is None:
-                continue
-            g_rot, bases = rotated
-            if i not in reset_at:  # read once per param and step, as the reference does
-                reset_at[i] = float(store.get("basis_reset_at", 0.0))
-            if isinstance(rot, SvdRotation):
-                left, right = self._svd_dense(rot, params[i], store, bases)
-            else:
-                left, right = bases.get("eigen_q_l"), bases.get("eigen_q_r")
-            two_sided_adamw_step(
-                unit.view(p_flat), g_raw.contiguous(), m, v, vmax, left, right, lr=lr, beta1=beta1, beta2=beta2,
-                eps=eps, weight_decay=weight_decay, step=step - reset_at[i],
-                decay=decay_mask is None or bool(decay_mask[i]),
-                amsgrad=amsgrad, maximize=maximize, g_rot=g_rot, precision=self.precision,
-            )  # fmt: skip
-            self.two_sided_steps += 1
-            dynamic_bases_after(rot, g, bases, store, step, change=change, moments=moments,
-                                precondition_every=precondition_every, shampoo_beta=shampoo_beta,
-                                stats=basis_stats, decomposed=pre[ui])  # fmt: skip
+class _UnitsByGroup(Mapping):
+    """The optimizer's unit cache seen as group -> units: live (shared by reference), what the compiled op reads."""
 
-    def _svd_dense(self, rot: SvdRotation, param: torch.Tensor, store, bases) -> tuple[torch.Tensor, torch.Tensor]:
-        """The svd unit's dense L, R for the kernel; a side kept as Householder reflectors is formed once per
-        recompute. The cache entry holds the stored tensor itself and its version counter, so a recompute (an in
-        place copy) or a load_state_dict (new tensors) misses, and a stale entry is never mistaken for a new one."""
-        if not (rot.left_implicit or rot.right_implicit):
-            return bases["svd_u"], bases["svd_v"]
-        key = (id(param), rot.piece)  # one entry per param piece: replaced, never piled up
-        full = store["svd_u"] if rot.left_implicit else store["svd_v"]
-        hit = self._svd_dense_cache.get(key)
-        if hit is not None and hit[0] is full and hit[1] == full._version:
-            return hit[2]
-        sides = rot.dense_sides(bases)
-        self._svd_dense_cache[key] = (full, full._version, sides)
-        return sides
+    def __init__(self, cache: dict) -> None:
+        self._cache = cache
 
+    def __getitem__(self, group: int) -> list[Unit]:
+        return self._cache[group][2]
 
-# svd units with dense bases run the kernel too. An svd recompute turns a 1-ulp difference in the params into a
-# ~lr one (the singular vectors of near-equal / near-zero singular values are ill-conditioned: a 3e-8 nudge of one
-# weight moves a TinyBlock's params by 2.5e-2 two steps later, with the eager reference alone), so the kernel is
-# judged against a float64 run by the Dao rule across recomputes (tests/optim/test_svd_scope.py), not at a fixed
-# fp32 tolerance against the eager fp32 optimizer. Off: every svd unit on the eager reference.
-_FUSED_SVD = True
-# An svd side longer than the rank is kept as Householder reflectors (O(n r)); the kernel takes it as a dense
-# (n, n) matrix formed once per recompute and cached (n^2 floats: 36 MB at n = 3072, GPT-2's MLP). Longer sides
-# (a 50304-token embedding) stay on the eager reference, which applies the reflectors with ormqr.
-SVD_DENSE_SIDE_MAX = 4096
+    def __iter__(self):
+        return iter(self._cache)
 
-
-def _dense_bases(unit: Unit) -> bool:
-    """Whether the two-sided kernel steps a dynamic unit: its bases are dense matrices (or identity sides), or svd
-    sides it may form densely (at most ``SVD_DENSE_SIDE_MAX`` long)."""
-    rot = unit.rotation
-    if isinstance(rot, EigenRotation):
-        return True
-    return _FUSED_SVD and isinstance(rot, SvdRotation) and max(rot.rows, rot.cols) <= SVD_DENSE_SIDE_MAX
+    def __len__(self) -> int:
+        return len(self._cache)

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from ..bases import DynamicRotation, EigenRotation
-from ..kernels.reference import rotated_adamw_ref
+from ..bases import BasisOptions, DynamicRotation
+from ..kernels.dispatch import rotated_adamw
+from ..scopes import DYNAMIC_SCOPES
 from ._base import GroupStep, RotatedOptimizerBase, _label, _normalise_params, as_real, check_hyper, moment
 
 __all__ = ["RotatedAdamW"]
@@ -218,20 +219,23 @@ class RotatedAdamW(RotatedOptimizerBase):
                 f"does not implement: set optimizer.param_groups[{plan.gi}]['capturable'] = False, or use "
                 "FusedRotatedAdamW"
             )
-        if group["rotation"] not in ("svd", "eigen"):
+        if group["rotation"] not in DYNAMIC_SCOPES:
             return
         # A basis cannot come from a non-finite gradient (an SVD cannot converge; an eigen factor would keep the
         # NaN forever, it takes in every gradient): refuse before any state changes.
         params = group["params"]
+        opts = BasisOptions(svd_every=group["svd_every"])
         for unit in plan.units:
             if not isinstance(unit.rotation, DynamicRotation):
                 continue
             i = unit.params[0]
             st = self.state.get(params[i])
             step = (float(st["step"]) if st else 0.0) + 1
-            eigen = isinstance(unit.rotation, EigenRotation)
-            if (eigen or (int(step) - 1) % group["svd_every"] == 0) and not bool(torch.isfinite(plan.grads[i]).all()):
-                when = "" if eigen else " at an SVD basis recompute step"
+            rot = unit.rotation
+            if rot.needs_finite_grad(int(step), opts) and not bool(torch.isfinite(plan.grads[i]).all()):
+                # a family that takes in every gradient (eigen) needs it at every step; svd at its recomputes
+                every = rot.needs_finite_grad(2, BasisOptions(svd_every=2))
+                when = "" if every else f" at an {rot.scope.upper()} basis recompute step"
                 raise ValueError(
                     f"{_label(group['names'], plan.gi, i)}: the gradient has non-finite values{when} (step "
                     f"{int(step)}); rotation={group['rotation']!r} cannot compute a basis from it (skip the step, "
@@ -285,7 +289,7 @@ class RotatedAdamW(RotatedOptimizerBase):
             beta1, beta2 = group["betas"]
             # Dynamic units keep their bases in the param state; other scopes' steps never see these arguments.
             svd = {}
-            if group["rotation"] in ("svd", "eigen"):
+            if group["rotation"] in DYNAMIC_SCOPES:
                 svd = dict(
                     svd_bases=states,
                     svd_every=group["svd_every"],
@@ -343,7 +347,7 @@ class RotatedAdamW(RotatedOptimizerBase):
         ``lr`` and the betas are the group's as given (tensors stay tensors, so fused steps can read them on the
         device); ``grad_scale`` / ``found_inf`` come only where :meth:`_scales_in_kernel` said so.
         """
-        rotated_adamw_ref(*args, lr=_scalar(lr), beta1=_scalar(beta1), beta2=_scalar(beta2), **kwargs)
+        rotated_adamw(*args, backend="eager", lr=_scalar(lr), beta1=_scalar(beta1), beta2=_scalar(beta2), **kwargs)
 
     def _may_scale_in_kernel(self) -> bool:
         """Whether a step could take GradScaler's tensors into its kernels (decided before planning)."""

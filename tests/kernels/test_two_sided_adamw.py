@@ -23,7 +23,8 @@ pytestmark = [
 if INTERPRET or ON_GPU:
     pytest.importorskip("triton", reason="triton is not installed")
     from rotkern.kernels import two_sided_adamw as kernel_module
-    from rotkern.kernels.two_sided_adamw import two_sided_adamw_ref, two_sided_adamw_step
+    from rotkern.kernels.reference import two_sided_adamw_ref
+    from rotkern.kernels.two_sided_adamw import two_sided_adamw_step
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -309,7 +310,7 @@ def test_fused_optimizer_runs_dynamic_units_through_the_kernel(scope, extra):
 
 def test_svd_sides_longer_than_the_dense_limit_run_eagerly(monkeypatch):
     from rotkern import FusedRotatedAdamW, RotatedAdamW
-    from rotkern.optim import fused as fused_module
+    from rotkern.bases import svd as fused_module
 
     monkeypatch.setattr(fused_module, "SVD_DENSE_SIDE_MAX", 6)
     torch.manual_seed(3)

@@ -513,7 +513,7 @@ def test_batched_decompositions_group_by_shape_and_isolate_failures(caplog, monk
     import rotkern.bases
     from rotkern.bases import DECOMPOSITIONS, batched_decompositions
 
-    monkeypatch.setattr(rotkern.bases, "BATCH_ON_CPU", True)  # what a GPU does, here on the CPU
+    monkeypatch.setattr(rotkern.bases._decompose, "BATCH_ON_CPU", True)  # what a GPU does, here on the CPU
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(5, 3, generator=gen) for _ in range(3)] + [torch.randn(4, 4, generator=gen)]
     xs[1][0, 0] = float("nan")  # fails the batch's check for item 1 only
@@ -538,7 +538,7 @@ def test_batched_decompositions_group_by_shape_and_isolate_failures(caplog, monk
 def test_equal_shapes_decompose_in_one_batched_call(scope, monkeypatch):
     """q, k, v pieces and an equal-shaped matrix: one call per kind and shape, and the same steps as one call per
     unit (the prefetch switched off)."""
-    from rotkern.kernels import reference
+    from rotkern.bases import _lifecycle
 
     calls: list[tuple[str, tuple]] = []
     real = {"svd": torch.linalg.svd, "eigh": torch.linalg.eigh, "qr": torch.linalg.qr}
@@ -566,7 +566,7 @@ def test_equal_shapes_decompose_in_one_batched_call(scope, monkeypatch):
 
     import rotkern.bases
 
-    monkeypatch.setattr(rotkern.bases, "BATCH_ON_CPU", True)  # what a GPU does, here on the CPU
+    monkeypatch.setattr(rotkern.bases._decompose, "BATCH_ON_CPU", True)  # what a GPU does, here on the CPU
     for kind in real:
         monkeypatch.setattr(torch.linalg, kind, spy(kind))
     batched = run(True)
@@ -576,7 +576,7 @@ def test_equal_shapes_decompose_in_one_batched_call(scope, monkeypatch):
         assert calls[:3] == [("eigh", (8, 3, 3)), ("eigh", (6, 6)), ("eigh", (4, 4))]
         assert calls[3:6] == [("qr", (8, 3, 3)), ("qr", (6, 6)), ("qr", (4, 4))] and len(calls) == 9
     calls.clear()
-    monkeypatch.setattr(reference, "prefetch_decompositions", lambda units, *a, **k: [None] * len(units))
+    monkeypatch.setattr(_lifecycle, "prefetch_decompositions", lambda units, *a, **k: [None] * len(units))
     alone = run(False)
     assert all(len(shape) == 2 for _, shape in calls)  # one matrix per call
     for i, (p, q) in enumerate(zip(batched, alone, strict=True)):
