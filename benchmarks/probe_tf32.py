@@ -3,7 +3,7 @@
 Why: Triton's ``tl.dot(..., input_precision="tf32")`` passes its fp32 operands to the tensor cores as they are,
 and the tensor cores read their top 19 bits (truncation toward zero: about -2^-11 per operand, -2^-10 on every
 product), while cuBLAS under ``allow_tf32`` rounds to nearest. rotkern's ``precision="tf32"`` therefore rounds
-its dot operands to the nearest tf32 first (``rotated_adamw_step._round_tf32``). This probe measures, for X R^T
+its dot operands to the nearest tf32 first (``rotkern.kernels._tl.round_tf32``). This probe measures, for X R^T
 with X (rows, n) standard normal and R a Haar block of rotkern's (n = 768):
 
     cublas-fp32     torch.matmul, allow_tf32 off (the fp32 baseline)
@@ -44,7 +44,7 @@ import triton.language as tl  # noqa: E402
 
 from rotkern import FusedRotatedAdamW  # noqa: E402
 from rotkern.kernels.reference import round_to_tf32  # noqa: E402
-from rotkern.kernels.rotated_adamw_step import _round_tf32  # noqa: E402
+from rotkern.kernels._tl import round_tf32 as _round_tf32  # noqa: E402
 from rotkern.optim._base import moment  # noqa: E402
 from rotkern.rotations import haar_orthogonal  # noqa: E402
 from rotkern.trainers.common import device_name, versions  # noqa: E402

@@ -185,11 +185,9 @@ class DynamicRotation:
         done_steps: float,
         order: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Carry m, v (and amsgrad's max) from the ``old`` bases into the ``new`` ones, in place, per ``change``.
-
-        ``order``: the slot order of a refresh (what ``keep`` follows); ``done_steps``: steps taken before the
-        change (a reset counts the bias corrections from there: state ``basis_reset_at``).
-        """
+        """Carry m, v (and amsgrad's max) from the ``old`` bases into the ``new`` ones, in place, per ``change``;
+        ``order``: a refresh's slot order (``keep`` follows it); ``done_steps``: steps before the change (a reset
+        counts the bias corrections from there: state ``basis_reset_at``)."""
         m, *second = moments
         if change == "reset":
             for t in moments:

@@ -57,6 +57,8 @@ def rotated_adamw_step_ext(
 ) -> None:
     """One rotated AdamW step in place, through the compiled extension (see the module docstring).
 
+    (Long because every tensor is checked before the first unit is stepped: a refused call changes nothing.)
+
     Args: as :func:`rotkern.kernels.reference.rotated_adamw_ref`; ``lr``, ``beta1`` and ``beta2`` may be floats or
     one-element tensors. ``grad_scale`` and ``found_inf``: ``torch.amp.GradScaler``'s tensors, as torch's fused
     AdamW takes them; the op divides the gradient by ``grad_scale`` and writes nothing when ``found_inf`` is

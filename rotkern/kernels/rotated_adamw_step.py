@@ -43,7 +43,6 @@ nothing recompiles when lr changes.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,6 +55,7 @@ from ..scopes import Unit
 from . import _rotated_adamw_plan as plan_tables
 from . import _triton_compat  # noqa: F401  (applies the Triton interpreter fix of triton#9171 where needed)
 from ._rotated_adamw_plan import PlanCache, get_plan
+from ._tl import TL_DTYPES, adam_direction, adam_moments, device_guard, round_tf32, round_to
 from .reference import round_to_tf32
 
 __all__ = ["PRECISIONS", "rotated_adamw_step"]
@@ -69,12 +69,6 @@ ROW_FIELDS = tl.constexpr(plan_tables.ROW_FIELDS)
 SEG_FIELDS = tl.constexpr(plan_tables.SEG_FIELDS)
 CHUNK_FIELDS = tl.constexpr(plan_tables.CHUNK_FIELDS)
 
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.bfloat16: tl.bfloat16,
-    torch.float16: tl.float16,
-    torch.float64: tl.float64,
-}
 
 
 # %% kernels ------------------------------------------------------------------------------------------
@@ -100,50 +94,9 @@ def _bias_corrections(lr, beta1, beta2, step):
 
 
 @triton.jit
-def _adam_moments(g, m, v, w1, b2, omb2):
-    # torch.lerp's two-sided formula, so exp_avg rounds as torch.optim.AdamW's does.
-    d = g - m
-    m = tl.where(w1 < 0.5, m + w1 * d, g - d * (1.0 - w1))
-    v = v * b2 + omb2 * g * g
-    return m, v
-
-
-@triton.jit
-def _adam_direction(m, vv, bc2_sqrt, eps):
-    # IEEE-rounded sqrt and division, as torch (Triton's defaults are approximate on NVIDIA).
-    denom = tl.math.div_rn(tl.math.sqrt_rn(vv), tl.zeros_like(vv) + bc2_sqrt) + eps
-    return tl.math.div_rn(m, denom)
-
-
-@triton.jit
 def _unscale(g, scale_ptr):
     # IEEE division, as torch's fused AdamW and the eager path unscale (g * (1 / s) differs unless s is 2^k).
     return tl.math.div_rn(g, tl.zeros_like(g) + tl.load(scale_ptr).to(tl.float32))
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE rounding to nearest even (for bf16 by hand: the interpreter's cast truncates)."""
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN must not carry into the sign
-    return x.to(DTYPE)
-
-
-@triton.jit
-def _round_tf32(x):
-    """fp32 -> the nearest tf32 (10-bit mantissa; ties away from zero, as cvt.rna.tf32.f32), still in fp32.
-
-    Triton's ``tf32`` dot hands its fp32 operands to the tensor cores as they are, which read the top 19 bits:
-    truncation toward zero, a bias of about -2^-11 per operand (-1e-3 relative on every rotated coordinate, the
-    update shrunk as much again), where cuBLAS's TF32 (``allow_tf32``) rounds to nearest. Rounding the operands
-    here first makes the hardware's truncation exact and the dot unbiased. Under the interpreter, whose dots are
-    fp32, the rounded operands emulate a TF32 dot (products of 11-bit mantissas are exact in fp32).
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(x == x, rounded, x)  # a NaN's payload must not carry into the sign
 
 
 @triton.jit
@@ -328,7 +281,7 @@ def _rotated_adamw_kernel(
                 if UNSCALE:
                     x = _unscale(x, scale_ptr)
                 if PRECISION == "tf32":
-                    x = _round_tf32(x)  # the staged X feeds only the dots below
+                    x = round_tf32(x)  # the staged X feeds only the dots below
                 tl.store(ws_rows + c, x, mask=mask)
             tl.debug_barrier()  # the K loops below read slots other threads of this program wrote
         else:
@@ -356,7 +309,7 @@ def _rotated_adamw_kernel(
                     if UNSCALE:
                         x = _unscale(x, scale_ptr)
                     if PRECISION == "tf32":
-                        x = _round_tf32(x)
+                        x = round_tf32(x)
                 # R^T tile, rt[c, a] = R[a, c], straight from row-major R (rounded on the host for tf32).
                 rt = tl.load(rot + a * r_stride + c[:, None], mask=(c[:, None] < nb) & (a < nb), other=0.0)
                 acc = tl.dot(x, rt, acc, input_precision=PRECISION)
@@ -366,7 +319,7 @@ def _rotated_adamw_kernel(
             pidx, local, lm = _moment_loc(rp, row_mask, a, mask, seg_ptr, IDX, MOMENT_STEPS)
             m_p = _ptr(ptr_table, num_params, _M, pidx, local, lm, tl.float32, False)
             v_p = _ptr(ptr_table, num_params, _V, pidx, local, lm, tl.float32, False)
-            m, v = _adam_moments(
+            m, v = adam_moments(
                 acc,
                 tl.load(m_p, mask=mask, other=0.0),
                 tl.load(v_p, mask=mask, other=0.0),
@@ -381,9 +334,9 @@ def _rotated_adamw_kernel(
                 v = tl.maximum(tl.load(vmax_p, mask=mask, other=0.0), v, propagate_nan=tl.PropagateNan.ALL)
                 tl.store(vmax_p, v, mask=mask)
             if not STAGED:
-                u = _adam_direction(m, v, bc2_sqrt, eps)
+                u = adam_direction(m, v, bc2_sqrt, eps)
                 if PRECISION == "tf32":
-                    u = _round_tf32(u)  # u feeds only phase 2's dot
+                    u = round_tf32(u)  # u feeds only phase 2's dot
                 tl.store(ws_rows + a, u, mask=mask)
 
     if PHASE == 0:
@@ -403,9 +356,9 @@ def _rotated_adamw_kernel(
                         _ptr(ptr_table, num_params, _M, pidx, local, lm, tl.float32, False), mask=umask, other=0.0
                     )
                     vv_p = _ptr(ptr_table, num_params, _VMAX if AMSGRAD else _V, pidx, local, lm, tl.float32, False)
-                    u = _adam_direction(m, tl.load(vv_p, mask=umask, other=0.0), bc2_sqrt, eps)
+                    u = adam_direction(m, tl.load(vv_p, mask=umask, other=0.0), bc2_sqrt, eps)
                     if PRECISION == "tf32":
-                        u = _round_tf32(u)
+                        u = round_tf32(u)
                 else:
                     u = tl.load(ws_rows + a[None, :], mask=umask, other=0.0)
                 # Padding must be exactly 0: with eps = 0 it is 0/0, which would leak NaN through the dot.
@@ -430,7 +383,7 @@ def _rotated_adamw_kernel(
             decay = tl.load(seg_ptr + seg * SEG_FIELDS + 3, mask=lm, other=0)
             p = tl.load(p_p, mask=mask, other=0.0).to(tl.float32)
             p = p * tl.where(decay != 0, decay_factor, 1.0) - step_size * acc
-            tl.store(p_p, _round_to(p, P_DTYPE), mask=mask)
+            tl.store(p_p, round_to(p, P_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -475,7 +428,7 @@ def _adamw_elements(
         g = _unscale(g, scale_ptr)
     if MAXIMIZE:
         g = -g
-    m, v = _adam_moments(
+    m, v = adam_moments(
         g,
         _load(m_p, mask, MASKED),
         _load(v_p, mask, MASKED),
@@ -489,8 +442,8 @@ def _adamw_elements(
         v = tl.maximum(_load(vmax_p, mask, MASKED), v, propagate_nan=tl.PropagateNan.ALL)
         _store(vmax_p, v, mask, MASKED)
     p = _load(p_p, mask, MASKED).to(tl.float32) * decay_factor
-    p = p - step_size * _adam_direction(m, v, bc2_sqrt, eps)
-    _store(p_p, _round_to(p, P_DTYPE), mask, MASKED)
+    p = p - step_size * adam_direction(m, v, bc2_sqrt, eps)
+    _store(p_p, round_to(p, P_DTYPE), mask, MASKED)
 
 
 @triton.jit
@@ -621,6 +574,8 @@ def rotated_adamw_step(
 ) -> None:
     """One rotated AdamW step in place: :func:`rotated_adamw_ref`'s signature and semantics, in Triton.
 
+    (Long because the launcher checks every tensor before it writes the table and launches, in the kernels' order.)
+
     Args (beyond the reference's):
         lr, beta1, beta2: floats, or one-element tensors on the params' device (read in the kernel: no sync, no
             recompile when they change); a CPU tensor is read on the host.
@@ -668,7 +623,7 @@ def rotated_adamw_step(
             for i in touched:
                 ptrs[kind, i] = tensors[i].data_ptr()
 
-    with _device_guard(device):
+    with device_guard(device):
         steps = [state_steps[i] for i in touched]
         torch._foreach_add_(steps, 1.0)
         calls.upload()
@@ -685,8 +640,8 @@ def rotated_adamw_step(
             ws.fill_(float("nan"))
         for launch in plan.launches:
             common = dict(
-                P_DTYPE=_TL_DTYPES[launch.p_dtype],
-                G_DTYPE=_TL_DTYPES[launch.g_dtype],
+                P_DTYPE=TL_DTYPES[launch.p_dtype],
+                G_DTYPE=TL_DTYPES[launch.g_dtype],
                 AMSGRAD=amsgrad,
                 MAXIMIZE=maximize,
                 UNSCALE=grad_scale is not None,
@@ -697,14 +652,14 @@ def rotated_adamw_step(
             grid = (launch.grid,)
             if not launch.rotated:
                 aligned = _aligned(state, plan.identity_params)
-                _launch(_adamw_kernel, grid, ptr_table, hyper, *scalars, launch.table, len(params), ALIGNED=aligned,
+                launch(_adamw_kernel, grid, ptr_table, hyper, *scalars, launch.table, len(params), ALIGNED=aligned,
                         **common)  # fmt: skip
                 continue
             rot = plan.rot if precision != "tf32" else _rot_tf32(plan)
             args = (ptr_table, hyper, *scalars, launch.table, plan.rows, plan.segments, plan.perm, rot, ws)
             idx = tl.int64 if plan.wide else tl.int32
             for phase in (0,) if single_pass else (1, 2):
-                _launch(_rotated_adamw_kernel, grid, *args, len(params), IDX=idx, PRECISION=precision, PHASE=phase,
+                launch(_rotated_adamw_kernel, grid, *args, len(params), IDX=idx, PRECISION=precision, PHASE=phase,
                         **common)  # fmt: skip
         if found_inf is not None:
             # torch's fused AdamW does the same: the skipped step's increment is taken back on the device.
@@ -726,17 +681,6 @@ def _on_device(x, name: str, device: torch.device, move: bool = False):
     if x.device.type == "cpu":
         return float(x)
     raise ValueError(f"{name} is a tensor on {x.device} but the params are on {device}")
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Every kernel launch of a step goes through here (tests count and check them)."""
-    kernel[grid](*args, **kwargs)
-
-
-def _device_guard(device: torch.device):
-    """Make the params' device current for the launches: Triton launches on the current device's current
-    stream, while the tables, workspace and step increments live on the params' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class _CallBuffers:
@@ -791,7 +735,7 @@ class _CallBuffers:
 
 
 def _rot_tf32(plan) -> torch.Tensor:
-    """The plan's R blocks rounded to tf32 (nearest; see ``_round_tf32``), made once per plan: R is read in every
+    """The plan's R blocks rounded to tf32 (nearest; see ``round_tf32``), made once per plan: R is read in every
     dot tile, so it is rounded here rather than in the K loops."""
     rot = getattr(plan, "rot_tf32", None)
     if rot is None:
@@ -833,7 +777,7 @@ def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
         p, g = params[i], grads[i]
         if g is None or not (
             p.device == device and g.device == device and g.shape == p.shape and p.is_contiguous()
-            and g.is_contiguous() and p.dtype in _TL_DTYPES and g.dtype in _TL_DTYPES
+            and g.is_contiguous() and p.dtype in TL_DTYPES and g.dtype in TL_DTYPES
         ):  # fmt: skip
             _check_tensors(i, [("param", p, None), ("grad", g, p.shape)], device, touched[0])
     moments = [m for m in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if m is not None]
@@ -875,7 +819,7 @@ def _check_tensors(i: int, checks: list, device: torch.device, first: int) -> No
                 f"param {i}: {name} is not contiguous; the Triton step indexes flat memory "
                 "(make the param contiguous, or use backend='eager')"
             )
-        if t.dtype not in _TL_DTYPES:
+        if t.dtype not in TL_DTYPES:
             raise ValueError(f"param {i}: {name} has dtype {t.dtype}; expected a floating-point dtype")
         if name.startswith(("exp_", "max_")) and t.dtype != torch.float32:
             raise ValueError(f"param {i}: {name} is {t.dtype}; the Triton step keeps fp32 moments")

@@ -52,15 +52,7 @@ import triton.language as tl
 
 from .._backend import PRECISIONS, why_not_triton
 from . import _triton_compat  # noqa: F401  (applies the Triton interpreter fix of triton#9171 where needed)
-from .rotated_adamw_step import (
-    _TL_DTYPES,
-    _adam_direction,
-    _adam_moments,
-    _device_guard,
-    _launch,
-    _round_tf32,
-    _round_to,
-)
+from ._tl import TL_DTYPES, adam_direction, adam_moments, device_guard, launch, round_tf32, round_to
 
 __all__ = ["two_sided_adamw_step"]
 
@@ -131,9 +123,9 @@ def _two_sided_kernel(
             b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=kmask[:, None] & cmask,
                         other=0.0).to(tl.float32)  # fmt: skip
             if PRECISION == "tf32":
-                # Nearest tf32 operands, as cuBLAS's TF32: Triton's tf32 dot alone truncates (see _round_tf32).
-                a = _round_tf32(a)
-                b = _round_tf32(b)
+                # Nearest tf32 operands, as cuBLAS's TF32: Triton's tf32 dot alone truncates (see round_tf32).
+                a = round_tf32(a)
+                b = round_tf32(b)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
         acc = tl.load(a_base + rows[:, None] * stride_am + cols[None, :] * stride_ak, mask=mask, other=0.0)
@@ -147,13 +139,13 @@ def _two_sided_kernel(
     elif EPILOGUE == 1:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        m, v = _adam_moments(acc, m, v, w1, beta2, omb2)
+        m, v = adam_moments(acc, m, v, w1, beta2, omb2)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         if AMSGRAD:
             v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v, propagate_nan=tl.PropagateNan.ALL)
             tl.store(vmax_ptr + offs, v, mask=mask)
-        u = _adam_direction(m, v, bc2_sqrt, eps)
+        u = adam_direction(m, v, bc2_sqrt, eps)
         # eps == 0: v = 0 means every g~ so far was 0 there (the padding of S), so m = 0: the limit is 0, not NaN.
         denom_pos = (tl.math.sqrt_rn(v) > 0) | (eps != 0.0)
         u = tl.where(denom_pos, u, 0.0)
@@ -161,7 +153,7 @@ def _two_sided_kernel(
     else:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = p * decay_factor - step_size * acc
-        tl.store(p_ptr + offs, _round_to(p, P_DTYPE), mask=mask)
+        tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
 
 
 # %% launcher -----------------------------------------------------------------------------------------
@@ -217,7 +209,7 @@ def _check(
             continue
         if t.device != p.device:
             raise ValueError(f"two_sided_adamw_step: {name} is on {t.device}, the param on {p.device}")
-        if t.dtype not in _TL_DTYPES or not t.dtype.is_floating_point:
+        if t.dtype not in TL_DTYPES or not t.dtype.is_floating_point:
             raise ValueError(f"two_sided_adamw_step: {name} has dtype {t.dtype}; expected a floating-point dtype")
         if name not in ("L", "R") and not t.is_contiguous():  # the bases may have any strides
             raise ValueError(f"two_sided_adamw_step: {name} is not contiguous")
@@ -253,6 +245,8 @@ def two_sided_adamw_step(
 ) -> None:
     """One Adam step of a dense two-sided unit, in place (see the module docstring for the math and launches).
 
+    (Long because its four launches differ only in operands and epilogue, written out in order.)
+
     Args:
         p: the param view (k, w), or (B, k, w) for B stacked units of one shape; any float dtype, contiguous.
         g: the gradient, p's shape, any float dtype; unused (may be None) when ``g_rot`` is given.
@@ -287,19 +281,19 @@ def two_sided_adamw_step(
     if g3.dtype != torch.float32 and gr3 is None:
         # A bf16/fp16 B operand beside the transposed fp32 basis spills at ieee (AOT for sm_90 / sm_80: 255
         # registers, ~620 B of spills); one fp32 copy of G is a k x w pass and keeps every GEMM fp32 x fp32.
-        with _device_guard(p.device):
+        with device_guard(p.device):
             g3 = g3.float()
     dummy = m3  # for pointer arguments an epilogue does not read
     bm, bn, bk = _block(k, 64), _block(w, 64), 32
 
     def run(a, a_strides, bmat, b_strides, out, kk, epilogue, dot, negate=False):
         grid = (triton.cdiv(k, bm) * triton.cdiv(w, bn), b)
-        _launch(
+        launch(
             _two_sided_kernel, grid,
             a, dummy if bmat is None else bmat, dummy if out is None else out,
             p3, m3, v3, dummy if vmax3 is None else vmax3,
             k, w, kk, *a_strides, *b_strides,
-            EPILOGUE=epilogue, DOT=dot, NEGATE=negate, AMSGRAD=amsgrad, P_DTYPE=_TL_DTYPES[p.dtype],
+            EPILOGUE=epilogue, DOT=dot, NEGATE=negate, AMSGRAD=amsgrad, P_DTYPE=TL_DTYPES[p.dtype],
             PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **hyper,
         )  # fmt: skip
 
@@ -310,7 +304,7 @@ def two_sided_adamw_step(
         bs, rs, cs = t.stride()
         return (bs, cs, rs) if transpose else (bs, rs, cs)
 
-    with _device_guard(dev):
+    with device_guard(dev):
         ws_a = torch.empty((b, k, w), dtype=torch.float32, device=dev) if (l3 is not None and r3 is not None) else None
         ws_u = torch.empty((b, k, w), dtype=torch.float32, device=dev)
         if POISON_WORKSPACE:

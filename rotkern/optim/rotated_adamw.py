@@ -19,6 +19,9 @@ __all__ = ["RotatedAdamW"]
 class RotatedAdamW(RotatedOptimizerBase):
     """AdamW whose moments live in a seeded, permuted, block-rotated basis.
 
+    (Long because a drop-in carries all of torch.optim.AdamW's observable surface: arguments, refusals, GradScaler
+    and capture checks, and the dynamic bases' gradient checks, one method each.)
+
     Forward and backward stay in the standard basis. Each step the gradient is permuted and rotated,
     ``g~ = B(pi g)``; Adam's ``exp_avg`` and ``exp_avg_sq`` are updated on ``g~``; the update
     ``m^/(sqrt(v^)+eps)`` is rotated back, un-permuted and applied with decoupled weight decay in the

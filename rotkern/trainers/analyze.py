@@ -87,7 +87,7 @@ LAYER_TYPES = (  # (pattern on the matrix name, layer type), first match wins
     (r"attn\.c_proj\.weight$", "O"),
     (r"mlp\.c_fc\.weight$", "W1"),
     (r"mlp\.c_proj\.weight$", "W2"),
-    # SimpleViT (models.py): layers.<depth>.0 = attention, layers.<depth>.1 = LayerNorm, Linear, GELU, Linear
+    # SimpleViT (models/vit.py): layers.<depth>.0 = attention, layers.<depth>.1 = LayerNorm, Linear, GELU, Linear
     (r"to_qkv\.weight\[q\]$", "Q"),
     (r"to_qkv\.weight\[k\]$", "K"),
     (r"to_qkv\.weight\[v\]$", "V"),

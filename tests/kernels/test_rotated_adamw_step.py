@@ -379,7 +379,7 @@ def test_no_allocation_in_a_step_after_the_first(scope, monkeypatch):
         p.grad = torch.randn_like(p)
     opt.step()  # builds the plan, the state and the buffers
     launches = []
-    monkeypatch.setattr(kernel_module, "_launch", lambda kernel, grid, *a, **k: launches.append(kernel))
+    monkeypatch.setattr(kernel_module, "launch", lambda kernel, grid, *a, **k: launches.append(kernel))
     with _Allocations() as counter:
         opt.step()
         opt.step()
@@ -396,13 +396,13 @@ def test_every_launch_runs_under_the_params_device_guard(monkeypatch):
         yield
         active.pop()
 
-    monkeypatch.setattr(kernel_module, "_device_guard", guard)
-    monkeypatch.setattr(kernel_module, "_launch", lambda kernel, grid, *a, **k: launches.append(list(active)))
+    monkeypatch.setattr(kernel_module, "device_guard", guard)
+    monkeypatch.setattr(kernel_module, "launch", lambda kernel, grid, *a, **k: launches.append(list(active)))
     state = State([torch.randn(s, device=DEVICE) for s in SHAPES], amsgrad=False)
     state.step(rotated_adamw_step, _grads(state.params), _units("output", 16, seed=0), **HYPER)
     assert launches and all(a == [state.params[0].device] for a in launches)
     monkeypatch.undo()
-    g = kernel_module._device_guard(torch.device("cuda", 1))  # constructing it needs no GPU; entering would
+    g = kernel_module.device_guard(torch.device("cuda", 1))  # constructing it needs no GPU; entering would
     assert isinstance(g, torch.cuda.device) and g.idx == 1
 
 
@@ -426,7 +426,7 @@ def test_step_never_syncs_with_the_host(scope, monkeypatch):
 
 
 def test_tf32_rounding_is_to_nearest_ties_away_on_host_and_in_the_kernels():
-    """round_to_tf32 (host) and _round_tf32 (in the kernels) agree bit for bit, and are the nearest tf32 value with
+    """round_to_tf32 (host) and round_tf32 (in the kernels) agree bit for bit, and are the nearest tf32 value with
     ties away from zero (cvt.rna.tf32.f32): checked against the two tf32 neighbours of each value."""
     import triton
 
