@@ -52,7 +52,7 @@ svd / eigen steady; B svd / eigen refresh; C the measured periods.
   CPU: time.perf_counter (wall) and time.process_time (this process's CPU time, all threads) around each call,
   --threads torch threads (default 1); a step shorter than --min-sample-ms is repeated back to back within its
   sample (each repetition with the next gradient buffer). The 1-minute load is recorded before and after the
-  run and every round, and the CPU time other processes used around every sample (bench_cpu_step.LoadMeter,
+  run and every round, and the CPU time other processes used around every sample (_common.LoadMeter,
   /proc): a sample is quiet when others used at most --max-foreign cores in the >= --window s window around
   it; medians come from the quiet samples when a candidate has >= 3 of them, else from all (marked NOISY).
   Before each round the script waits (up to --wait-quiet s) for a quiet 2 s window. Rounds repeat until every
@@ -73,7 +73,6 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -90,9 +89,24 @@ for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import bench_cpu_step  # noqa: E402
-import bench_step  # noqa: E402
-from bench_cpu_step import LoadMeter, _around  # noqa: E402
+from _common import (  # noqa: E402
+    DRY,
+    HYPER,
+    MIN_QUIET,
+    Budget,
+    Grads,
+    LoadMeter,
+    ParamSet,
+    _around,
+    _torch_groups,
+    cpu_environment,
+    environment,
+    write_json,
+)
+from _common import _kept as _common_kept  # noqa: E402
+from _common import _ms as _common_ms  # noqa: E402
+from _common import _one_line as _common_one_line  # noqa: E402
+from _common import _q as _common_q  # noqa: E402
 
 from rotkern import FusedRotatedAdamW, RotatedAdamW, param_groups_for  # noqa: E402
 from rotkern._backend import ext_available, interpret_mode, why_not_ext, why_not_triton  # noqa: E402
@@ -105,14 +119,12 @@ IMPLS = ("eager", "triton", "ext")
 KINDS = ("step", "steady", "refresh", "amortized", "period")
 PERIOD_KEY = {"svd": "svd_every", "eigen": "precondition_every"}
 NEVER = 10**9  # a period no benchmark reaches: the basis is never recomputed after the first step
-HYPER = bench_step.HYPER
-MIN_QUIET = 3
 SCHEMA = 1
 
 CONFIGS = {
     "cuda": GPTConfig(attention="math"),  # GPT-2 124M
     "cpu": GPTConfig(block_size=256, vocab_size=8192, n_layer=4, n_head=4, n_embd=256, attention="math"),
-    "dry": bench_step.DRY.gpt,  # 1 layer, n_embd 32
+    "dry": DRY.gpt,  # 1 layer, n_embd 32
 }
 
 
@@ -123,7 +135,7 @@ def default_periods() -> dict[str, int]:
 
 
 # %% parameter set ------------------------------------------------------------------------------------------
-def build_set(cfg: GPTConfig, device: torch.device, name: str) -> bench_step.ParamSet:
+def build_set(cfg: GPTConfig, device: torch.device, name: str) -> ParamSet:
     """The transformer blocks' matrices of a GPT with ``cfg``, with their names, roles and decay mask."""
     with torch.device(device):
         model = GPT(cfg)
@@ -139,7 +151,7 @@ def build_set(cfg: GPTConfig, device: torch.device, name: str) -> bench_step.Par
         "matrices (c_attn as q, k, v, attn.c_proj, c_fc, mlp.c_proj)"
     )
     del model
-    return bench_step.ParamSet(name, params, groups, bench_step._torch_groups(params), None, desc)
+    return ParamSet(name, params, groups, _torch_groups(params), None, desc)
 
 
 # %% candidates ---------------------------------------------------------------------------------------------
@@ -172,14 +184,14 @@ class Cand:
     def fail(self, status: str, reason: str) -> None:
         self.status, self.reason, self.opt = status, reason, None
 
-    def call(self, grads: bench_step.Grads) -> None:
+    def call(self, grads: Grads) -> None:
         for _ in range(self.steps):
             grads.feed()
             self.opt.step()
         self.calls += self.steps
 
 
-def make_cands(ps: bench_step.ParamSet, args: argparse.Namespace, device: torch.device) -> list[Cand]:
+def make_cands(ps: ParamSet, args: argparse.Namespace, device: torch.device) -> list[Cand]:
     """Every candidate (rotation x kind x implementation), optimizers built; unavailable ones carry the reason."""
     periods = default_periods()
     example = ps.params[0]
@@ -246,7 +258,7 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def measure(self, c: Cand, grads: bench_step.Grads) -> tuple[float, float | None]:
+    def measure(self, c: Cand, grads: Grads) -> tuple[float, float | None]:
         """(wall ms, process CPU ms) of one sample of c, per optimizer step."""
         n = c.repeat * c.steps
         if self.cuda:
@@ -265,15 +277,6 @@ class Timer:
         return 1e3 * (w1 - w0) / n, 1e3 * (p1 - p0) / n
 
 
-class Budget(bench_step.Budget):
-    def __init__(self, seconds: float, t0: float) -> None:
-        super().__init__(seconds)
-        self.t0 = t0
-
-    def used(self) -> float:
-        return time.perf_counter() - self.t0
-
-
 class Runner:
     def __init__(self, args: argparse.Namespace, device: torch.device, budget: Budget) -> None:
         self.args, self.device, self.budget = args, device, budget
@@ -283,7 +286,7 @@ class Runner:
         self.rounds: list[dict] = []
         self.errors: list[dict] = []
 
-    def _guarded(self, c: Cand, grads: bench_step.Grads) -> bool:
+    def _guarded(self, c: Cand, grads: Grads) -> bool:
         try:
             c.call(grads)
             self.timer.sync()
@@ -295,7 +298,7 @@ class Runner:
             )
             return False
 
-    def run(self, cands: list[Cand], grads: bench_step.Grads, group: str, deadline: float) -> None:
+    def run(self, cands: list[Cand], grads: Grads, group: str, deadline: float) -> None:
         """First calls, warm-up rounds, then interleaved rounds until the wanted quiet samples or the deadline."""
         a = self.args
         label = f"group {group}"
@@ -404,14 +407,6 @@ class Runner:
 
 
 # %% results ------------------------------------------------------------------------------------------------
-def _q(xs: list[float], f: float) -> float | None:
-    t = sorted(xs)
-    return t[min(len(t) - 1, int(f * len(t)))] if t else None
-
-
-def _kept(c: Cand, xs: list[float]) -> tuple[list[float], bool]:
-    quiet = [x for x, q in zip(xs, c.quiet, strict=False) if q]
-    return (quiet, False) if len(quiet) >= MIN_QUIET or len(quiet) == len(xs) else (list(xs), True)
 
 
 def ran(c: Cand) -> str:
@@ -431,7 +426,24 @@ def ran(c: Cand) -> str:
     return used
 
 
-def record(c: Cand, ps: bench_step.ParamSet) -> dict:
+# The shared helpers' copies had diverged; these keep this script's behaviour (see _common.py).
+def _kept(c: Cand, xs: list[float]) -> tuple[list[float], bool]:
+    return _common_kept(c, xs, all_quiet_ok=True)  # also quiet-only when every sample is quiet
+
+
+def _q(xs: list[float], f: float) -> float | None:
+    return _common_q(xs, f, empty_none=True)  # None for no samples
+
+
+def _ms(x: float | None) -> str:
+    return _common_ms(x, fine=True)  # 3 decimals below 0.1 ms
+
+
+def _one_line(e: BaseException) -> str:
+    return _common_one_line(e, cut_message_only=True)  # the message is cut to 300, not the whole string
+
+
+def record(c: Cand, ps: ParamSet) -> dict:
     keep, noisy = _kept(c, c.times)
     cpu_keep = _kept(c, c.cpu)[0] if c.cpu else []
     return {
@@ -508,12 +520,6 @@ def add_ratios(rows: list[dict]) -> None:
             med / eager["median_ms"] if med and r["impl"] != "eager" and eager and eager["median_ms"] else None
         )
         r["x_none"] = med / none["median_ms"] if med and none and none["median_ms"] else None
-
-
-def _ms(x: float | None) -> str:
-    if x is None:
-        return "—"
-    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
 
 
 def _x(x: float | None) -> str:
@@ -658,10 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")
-    env = bench_step.environment(device)
+    env = environment(device)
     env["gpu"] = device_name(device)  # bench_step tags every CPU run as its dry run
     if device.type == "cpu":
-        cpu_env = bench_cpu_step.environment()
+        cpu_env = cpu_environment()
         env.update(cpu=cpu_env["cpu"], cores=cpu_env["cores"], ext_isa=cpu_env["isa"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -705,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             **{k: getattr(args, k) for k in ("rounds", "max_rounds", "warmup", "max_foreign", "wait_quiet", "window")},
             "min_sample_ms": args.min_sample_ms,
         }
-        (out / f"{args.name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_json(out / f"{args.name}.json", data)
         (out / f"{args.name}.md").write_text(render(data))
         return data
 
@@ -714,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         data["sets"][name] = ps.summary() | {"config": str(cfg)}
         print(f"  {name}: {ps.d:,} params, {len(ps.params)} matrices; building the optimizers", flush=True)
         cands = make_cands(ps, args, device)
-        grads = bench_step.Grads(ps.params, 2 if device.type == "cpu" else None)
+        grads = Grads(ps.params, 2 if device.type == "cpu" else None)
         shares = {"A": 0.3, "B": 0.5, "C": 1.0}  # of the budget left when the group starts (C: all of it)
         for group in ("A", "B", "C"):
             members = [c for c in cands if c.group == group and c.status == "ok"]
@@ -748,11 +754,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_x(r['x_eager']):>6s}  x none {_x(r['x_none']):>7s}  {r['ran']}")  # fmt: skip
     print(f"wrote {out / (args.name + '.md')} and .json in {budget.used():.0f} s")
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0][:300] if s else ''}"
 
 
 if __name__ == "__main__":

@@ -59,10 +59,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -71,12 +68,30 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import bench_step
 import numpy as np
 import torch
+from _common import (
+    BYTES_PER_PARAM,
+    DRY,
+    HYPER,
+    MIN_QUIET,
+    Grads,
+    LoadMeter,
+    ParamSet,
+    Snapshot,  # noqa: F401  (re-exported: the tests build bench_cpu_step.Snapshot)
+    _around,
+    _kept,
+    _linear_fit,
+    _ms,
+    compiled_step,
+    rotation_work,
+    write_json,
+)
+from _common import build_set as _build_set
+from _common import cpu_environment as environment
 
 from rotkern import SCOPES, FusedRotatedAdamW, RotatedAdamW
-from rotkern._backend import ext_available, why_not_ext
+from rotkern._backend import why_not_ext
 from rotkern.trainers.models import GPTConfig
 
 HERE = Path(__file__).resolve().parent
@@ -84,80 +99,11 @@ ROTATED = tuple(s for s in SCOPES if s != "none")
 SETS = {
     "10m": GPTConfig(block_size=256, vocab_size=8192, n_layer=4, n_head=6, n_embd=384, attention="math"),
     "40m": GPTConfig(block_size=256, vocab_size=16384, n_layer=4, n_head=12, n_embd=768, attention="math"),
-    "tiny": bench_step.DRY.gpt,  # --dry-run
+    "tiny": DRY.gpt,  # --dry-run
 }
 SCALE_D_LAYERS = (1, 2, 4, 8)
 SCALE_N = (96, 192, 384, 768, 1536)
-MIN_QUIET = 3
 SCHEMA = 1
-
-
-# %% load ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Snapshot:
-    t: float  # perf_counter seconds
-    busy: int  # all CPUs' non-idle jiffies (steal excluded)
-    steal: int
-    own: int  # this process's user + system jiffies (all threads)
-    load1: float
-
-
-class LoadMeter:
-    """Other processes' CPU use around a round, from /proc (Linux); elsewhere it reads zeros and says so."""
-
-    def __init__(self) -> None:
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.available = Path("/proc/stat").exists() and Path("/proc/self/stat").exists()
-
-    def snapshot(self) -> Snapshot:
-        load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if not self.available:
-            return Snapshot(time.perf_counter(), 0, 0, 0, load1)
-        with open("/proc/stat") as f:
-            cpu = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal guest guest_nice (guest time is already in user)
-        idle = cpu[3] + cpu[4]
-        steal = cpu[7] if len(cpu) > 7 else 0
-        busy = sum(cpu[:8]) - idle - steal
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-        return Snapshot(time.perf_counter(), busy, steal, own, load1)
-
-    def cores(self, a: Snapshot, b: Snapshot) -> tuple[float, float]:
-        """(cores other processes used, cores stolen by the hypervisor) on average between two snapshots."""
-        dt = max(b.t - a.t, 1e-9) * self.hz
-        return max(0.0, (b.busy - a.busy) - (b.own - a.own)) / dt, max(0, b.steal - a.steal) / dt
-
-    def windows(self, snaps: list[Snapshot], span: float = 1.0) -> list[tuple[float, float, float]]:
-        """(seconds, foreign cores, steal cores) over consecutive windows of at least ``span`` seconds."""
-        bounds = [0]
-        for i in range(1, len(snaps)):
-            if snaps[i].t - snaps[bounds[-1]].t >= span:
-                bounds.append(i)
-        if bounds[-1] != len(snaps) - 1:
-            # A tail shorter than span joins the window before it (ticks are 10 ms: short windows are noise).
-            if len(bounds) > 1:
-                bounds[-1] = len(snaps) - 1
-            else:
-                bounds.append(len(snaps) - 1)
-        return [
-            (snaps[b].t - snaps[a].t, *self.cores(snaps[a], snaps[b])) for a, b in zip(bounds, bounds[1:], strict=False)
-        ]
-
-    def wait_quiet(self, max_foreign: float, max_load: float, max_wait: float) -> float:
-        """Wait (up to max_wait s) for a 2-second window in which others use <= max_foreign cores and the load
-        average is <= max_load; returns the seconds waited."""
-        t0 = time.perf_counter()
-        while True:
-            a = self.snapshot()
-            time.sleep(2.0)
-            b = self.snapshot()
-            foreign, steal = self.cores(a, b)
-            if (foreign <= max_foreign and steal <= max_foreign and b.load1 <= max_load) or not self.available:
-                return time.perf_counter() - t0
-            if time.perf_counter() - t0 > max_wait:
-                return time.perf_counter() - t0
 
 
 # %% candidates ---------------------------------------------------------------------------------------------
@@ -179,16 +125,16 @@ class Cand:
         self.status, self.reason, self.fn = status, reason, None
 
 
-def build_set(name: str, n_layer: int | None = None) -> bench_step.ParamSet:
+def build_set(name: str, n_layer: int | None = None) -> ParamSet:
     cfg = SETS[name] if n_layer is None else dataclasses.replace(SETS[name], n_layer=n_layer)
     torch.manual_seed(0)
-    ps = bench_step.build_set("gpt2", dataclasses.replace(bench_step.DRY, gpt=cfg), torch.device("cpu"))
+    ps = _build_set("gpt2", dataclasses.replace(DRY, gpt=cfg), torch.device("cpu"))
     ps.name = name if n_layer is None else f"{name}-{n_layer}l"
     return ps
 
 
 def rotation_flops(opt: RotatedAdamW) -> float:
-    return bench_step.rotation_work(opt)[0]
+    return rotation_work(opt)[0]
 
 
 class PermFloor:
@@ -286,32 +232,6 @@ def _dynamo_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compiled_step(opt: RotatedAdamW) -> Callable[[], object]:
-    import logging
-
-    import torch._dynamo
-
-    torch._logging.set_logs(dynamo=logging.ERROR)  # graph breaks (the step's .item()) are expected
-    cfg = torch._dynamo.config
-    for key in ("cache_size_limit", "recompile_limit"):  # so that a row never falls back to eager silently
-        if hasattr(cfg, key):
-            setattr(cfg, key, 256)
-    for key in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
-        if hasattr(cfg, key):
-            setattr(cfg, key, 4096)
-    fn = torch.compile(opt.step)
-    warm: list[bool] = []
-
-    def step():
-        if not warm:
-            # Permutations and Haar blocks are built lazily with numpy, which Dynamo cannot trace: one eager step.
-            opt.step()
-            warm.append(True)
-        return fn()
-
-    return step
-
-
 def ext_memory(opt: FusedRotatedAdamW) -> dict:
     """Bytes the extension keeps beyond the optimizer state: cached permutation tables and the workspace."""
     from rotkern.kernels import ext
@@ -336,7 +256,7 @@ class Runner:
     def max_load(self, threads: int) -> float:
         return threads + self.args.max_extra_load
 
-    def run(self, cands: list[Cand], grads: bench_step.Grads, threads: int, rounds: int, label: str) -> dict:
+    def run(self, cands: list[Cand], grads: Grads, threads: int, rounds: int, label: str) -> dict:
         """First calls, a warm-up round, then interleaved rounds until `rounds` quiet ones (or --max-rounds)."""
         a = self.args
         for c in cands:
@@ -430,24 +350,6 @@ class Runner:
         return {"rounds": log}
 
 
-def _around(snaps: list[Snapshot], i: int, span: float) -> tuple[Snapshot, Snapshot]:
-    """The snapshots around sample i (between snaps[i - 1] and snaps[i]), widened alternately to each side until
-    they span at least ``span`` seconds (or the whole round)."""
-    lo, hi = i - 1, i
-    while snaps[hi].t - snaps[lo].t < span and (lo > 0 or hi < len(snaps) - 1):
-        if lo > 0 and (hi == len(snaps) - 1 or snaps[lo].t - snaps[lo - 1].t <= snaps[hi + 1].t - snaps[hi].t):
-            lo -= 1
-        else:
-            hi += 1
-    return snaps[lo], snaps[hi]
-
-
-def _kept(c: Cand, xs: list[float]) -> tuple[list[float], bool]:
-    """The samples of c that count (the quiet ones; all of them, flagged noisy, when fewer than MIN_QUIET)."""
-    quiet = [x for x, q in zip(xs, c.quiet, strict=False) if q]
-    return (quiet, False) if len(quiet) >= MIN_QUIET else (list(xs), True)
-
-
 def summarize(c: Cand) -> dict:
     keep, noisy = _kept(c, c.times)
     t = sorted(keep)
@@ -472,14 +374,12 @@ def summarize(c: Cand) -> dict:
     }
 
 
-def run_group(
-    runner: Runner, ps: bench_step.ParamSet, n: int, threads: int, kinds: set[str], scopes: list[str]
-) -> dict:
+def run_group(runner: Runner, ps: ParamSet, n: int, threads: int, kinds: set[str], scopes: list[str]) -> dict:
     a = runner.args
     torch.set_num_threads(threads)
-    grads = bench_step.Grads(ps.params, 2)
+    grads = Grads(ps.params, 2)
     cands: list[Cand] = []
-    hyper = bench_step.HYPER
+    hyper = HYPER
     info: dict[str, dict] = {}
     if "torch-fused" in kinds:
         opt = torch.optim.AdamW([dict(g) for g in ps.torch_groups], **hyper, fused=True)
@@ -527,7 +427,7 @@ def run_group(
         gemm_ms = 1e3 * info[scope]["flops"] / gemm_rate if gemm_rate and info[scope]["flops"] else 0.0
         perm_row = by.get(f"floor-perm {scope}")
         perm_ms = perm_row["median_ms"] if perm_row and perm_row["median_ms"] else 0.0
-        stream_ms = 1e3 * bench_step.BYTES_PER_PARAM * ps.d / stream_bw if stream_bw else 0.0
+        stream_ms = 1e3 * BYTES_PER_PARAM * ps.d / stream_bw if stream_bw else 0.0
         parts = {"gemm": gemm_ms, "perm": perm_ms, "stream": stream_ms}
         bound = max(parts, key=parts.get)
         floors[scope] = {"floor_ms": parts[bound], "bound": bound, **{f"{k}_ms": v for k, v in parts.items()}}
@@ -571,7 +471,7 @@ def _reset_compile() -> None:
 
 # %% scaling -------------------------------------------------------------------------------------------------
 def _fit(xs: list[float], ys: list[float]) -> dict | None:
-    fit = bench_step._linear_fit(xs, ys)
+    fit = _linear_fit(xs, ys)
     if fit and len(xs) >= 2 and min(xs) > 0 and min(ys) > 0:
         fit["loglog_slope"] = float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
     return fit
@@ -609,10 +509,6 @@ def run_scale_n(runner: Runner, scopes: list[str], base: str) -> dict:
 
 
 # %% report ----------------------------------------------------------------------------------------------------
-def _ms(x: float | None) -> str:
-    if x is None:
-        return "—"
-    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
 
 
 def acceptance(data: dict) -> list[dict]:
@@ -762,24 +658,6 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    env = bench_step.environment(torch.device("cpu"))
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    isa = "n/a"
-    if ext_available():
-        from rotkern import _C
-
-        isa = _C.simd_isa()
-    return {"torch": env["torch"], "git": env["git"], "cpu": cpu, "cores": os.cpu_count(), "isa": isa}
-
-
 # %% main ------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -840,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_measure": "proc" if runner.meter.available else "unavailable (not Linux): rounds are all 'quiet'",
         }
         data["acceptance"] = acceptance(data)
-        (out / f"{args.name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_json(out / f"{args.name}.json", data)
         (out / f"{args.name}.md").write_text(render(data))
 
     try:

@@ -92,8 +92,6 @@ import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
@@ -104,9 +102,7 @@ import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -115,11 +111,27 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 import report  # noqa: E402
+from _common import (  # noqa: E402
+    BYTES_PER_PARAM,
+    DRY,
+    HYPER,
+    Budget,
+    Grads,
+    ParamSet,
+    Sizes,
+    _linear_fit,
+    _one_line,
+    _q,
+    build_set,
+    compiled_step,
+    environment,
+    rotation_work,
+    write_json,
+)
 
-from rotkern import SCOPES, FusedRotatedAdamW, RotatedAdamW, param_groups_for  # noqa: E402
+from rotkern import SCOPES, FusedRotatedAdamW, RotatedAdamW  # noqa: E402
 from rotkern._backend import interpret_mode, why_not_triton  # noqa: E402
-from rotkern.trainers.common import device_name, git_sha, versions  # noqa: E402
-from rotkern.trainers.models import GPT, GPTConfig, ResNet, ResNetConfig, SimpleViT, ViTConfig  # noqa: E402
+from rotkern.trainers.models import GPTConfig, ResNetConfig, ViTConfig  # noqa: E402
 
 SETS = ("gpt2", "vit", "resnet", "synthetic")
 PHASES = ("ceilings", "table", "crosscheck", "e2e", "scale-d", "scale-n", "compile")
@@ -127,32 +139,9 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 ROTATED_SCOPES = tuple(s for s in SCOPES if s != "none")
 ANCHORS = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True), "torch-for-loop": dict(foreach=False)}
 BACKENDS = tuple(ANCHORS) + ("rotated-eager", "rotated-compile", "rotated-fused")
-HYPER = dict(lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 MATMUL_PRECISION = {"ieee": "highest", "tf32": "high"}  # torch.set_float32_matmul_precision of the eager rows
-BYTES_PER_PARAM = 28  # fp32 AdamW: read p, g, m, v; write p, m, v
 PERM_SPANS = (2**12, 2**16, 2**20, 2**24)  # permutation lengths whose gather rate is measured besides the whole
 SCHEMA = 1
-
-
-@dataclasses.dataclass
-class Sizes:
-    """Everything that differs between a GPU run and the CPU --dry-run."""
-
-    block_size: int
-    ceil_numel: int  # elements of the copy / gather / GEMM probes
-    width: int  # synthetic matrices are (rows, width)
-    synthetic_numel: int
-    scale_numels: tuple[int, ...]  # scale-d
-    scale_blocks: tuple[int, ...]  # scale-n, in the order they are measured (spread first, so a cut keeps a span)
-    reps: int
-    warmup: int
-    scale_reps: int
-    e2e_reps: int
-    e2e_batch: tuple[int, int]  # (batch, sequence)
-    gpt: GPTConfig
-    vit: ViTConfig
-    resnet: ResNetConfig
-    compile_prior_s: float  # guessed cost of one torch.compile before any was measured
 
 
 GPU = Sizes(
@@ -172,26 +161,9 @@ GPU = Sizes(
     resnet=ResNetConfig(),
     compile_prior_s=90.0,
 )
-DRY = Sizes(
-    block_size=32,
-    ceil_numel=2**14,
-    width=64,
-    synthetic_numel=2**13,
-    scale_numels=(2**10, 2**11, 2**12, 2**13),
-    scale_blocks=(32, 8, 64, 16),
-    reps=2,
-    warmup=1,
-    scale_reps=2,
-    e2e_reps=2,
-    e2e_batch=(2, 32),
-    gpt=GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, attention="math"),
-    vit=ViTConfig(image_size=8, patch_size=4, num_classes=10, dim=32, depth=1, heads=2, mlp_dim=64),
-    resnet=ResNetConfig(block="basic", layers="1,1", width=8, num_classes=10, stem="small", image_size=8),
-    compile_prior_s=30.0,
-)
 
 
-# %% clock, budget ------------------------------------------------------------------------------------
+# %% clock ----------------------------------------------------------------------------------------------
 class Clock:
     """CUDA events on the GPU, the host clock on the CPU (--dry-run)."""
 
@@ -211,100 +183,6 @@ class Clock:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-
-
-class Budget:
-    """Seconds left of --budget-seconds, and the record of what was skipped to stay inside them."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.skipped: list[dict] = []
-
-    def used(self) -> float:
-        return time.perf_counter() - _T0
-
-    def left(self) -> float:
-        return self.seconds - self.used()
-
-    def allow(self, phase: str, what: str, estimate_s: float) -> bool:
-        if estimate_s <= self.left():
-            return True
-        self.skip(phase, what, f"budget: estimated {estimate_s:.0f} s, {max(self.left(), 0):.0f} s left")
-        return False
-
-    def skip(self, phase: str, what: str, reason: str) -> None:
-        self.skipped.append({"phase": phase, "what": what, "reason": reason})
-        print(f"  skipped {phase} {what}: {reason}")
-
-
-# %% parameter sets -----------------------------------------------------------------------------------
-@dataclasses.dataclass
-class ParamSet:
-    name: str
-    params: list[torch.Tensor]
-    rotated_groups: list[dict]  # param_groups_for style: names, roles, decay_mask
-    torch_groups: list[dict]  # nanoGPT's decay / no-decay groups for torch.optim.AdamW
-    model: nn.Module | None = None
-    description: str = ""
-
-    @property
-    def d(self) -> int:
-        return sum(p.numel() for p in self.params)
-
-    def summary(self) -> dict:
-        return {"name": self.name, "params": self.d, "tensors": len(self.params), "description": self.description}
-
-
-def _torch_groups(params: list[torch.Tensor]) -> list[dict]:
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return [g for g in ({"params": decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
-
-
-def build_set(name: str, sizes: Sizes, device: torch.device, numel: int | None = None) -> ParamSet:
-    """A parameter set on ``device``; ``synthetic`` takes ``numel`` (default sizes.synthetic_numel)."""
-    if name == "synthetic":
-        numel = numel or sizes.synthetic_numel
-        w = sizes.width
-        m = max(1, -(-numel // (w * w)))
-        rows = max(1, numel // (m * w))
-        params = [torch.randn(rows, w, device=device) * 0.02 for _ in range(m)]
-        groups = [{"params": params, "names": [f"w{i}" for i in range(m)], "roles": ["matrix"] * m}]
-        return ParamSet(name, params, groups, _torch_groups(params), None, f"{m} x {rows}x{w} matrices")
-    cfg = {"gpt2": sizes.gpt, "vit": sizes.vit, "resnet": sizes.resnet}[name]
-    with torch.device(device):
-        model = {"gpt2": GPT, "vit": SimpleViT, "resnet": ResNet}[name](cfg)
-    groups = param_groups_for(model, weight_decay=HYPER["weight_decay"])
-    params = groups[0]["params"]
-    desc = {
-        "gpt2": "nanoGPT GPT-2 (tied wte/lm_head, no biases), rotkern.trainers.models.GPT",
-        "vit": "SimpleViT (fixed sin-cos position embedding: no parameter), rotkern.trainers.models.SimpleViT",
-        "resnet": "ResNet v1.5 (conv kernels rotated as (out, in kh kw)), rotkern.trainers.models.ResNet",
-    }[name]
-    return ParamSet(name, params, groups, _torch_groups(params), model, f"{desc}: {cfg}")
-
-
-class Grads:
-    """K gradient buffers; feed() points every param's .grad at the next one (outside the timed region)."""
-
-    def __init__(self, params: list[torch.Tensor], k: int | None = None) -> None:
-        d = sum(p.numel() for p in params)
-        if k is None:
-            k = 1 if 4 * d > 2**31 else max(2, min(16, math.ceil(2**28 / max(4 * d, 1))))
-        self.params = params
-        self.bufs = [[torch.randn_like(p) for p in params] for _ in range(k)]
-        self.i = 0
-
-    def feed(self) -> None:
-        buf = self.bufs[self.i % len(self.bufs)]
-        self.i += 1
-        for p, g in zip(self.params, buf, strict=True):
-            p.grad = g
-
-    def release(self) -> None:
-        for p in self.params:
-            p.grad = None
-        self.bufs = []
 
 
 # %% ceilings and floors ------------------------------------------------------------------------------
@@ -407,22 +285,6 @@ def _median_times(fns: dict[str, Callable], clock: Clock, reps: int) -> dict[str
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def rotation_work(opt: RotatedAdamW) -> tuple[float, dict[int, int]]:
-    """(FLOPs of both rotations, {permutation length: coordinates behind such permutations}) of one step."""
-    flops, permuted = 0.0, {}
-    for gi in range(len(opt.param_groups)):
-        for u in opt.units(gi):
-            if u.rotation is None:
-                continue
-            k, length = u.shape
-            rot = u.rotation
-            blocks = [rot.block_size] * rot.num_blocks + ([rot.residual] if rot.residual else [])
-            flops += k * sum(4.0 * nb * nb for nb in blocks)
-            if rot.perm_stream is not None:
-                permuted[length] = permuted.get(length, 0) + k * length
-    return flops, permuted
-
-
 # %% rows ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Row:
@@ -515,7 +377,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device, sizes: Sizes) -> None:
         self.args, self.device, self.sizes = args, device, sizes
         self.clock = Clock(device)
-        self.budget = Budget(args.budget_seconds)
+        self.budget = Budget(args.budget_seconds, _T0)
         self.out = Path(args.out)
         self.ceil: Ceilings | None = None
         self.rows: list[Row] = []
@@ -589,31 +451,7 @@ class Bench:
         return rows
 
     def compiled(self, opt) -> Callable:
-        import logging
-
-        import torch._dynamo
-
-        torch._logging.set_logs(dynamo=logging.ERROR)  # graph breaks are counted per row instead of logged
-        cfg = torch._dynamo.config
-        for key in ("cache_size_limit", "recompile_limit"):  # so that rows never fall back to eager silently
-            if hasattr(cfg, key):
-                setattr(cfg, key, 256)
-        for key in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
-            if hasattr(cfg, key):
-                setattr(cfg, key, 4096)
-        compiled = torch.compile(opt.step, backend=self.args.compile_backend)
-        warm = []
-
-        def step():
-            if not warm:
-                # One eager step first: permutations and Haar blocks are built lazily with numpy uint64
-                # arithmetic, which Dynamo cannot trace; afterwards they come from the rotations' caches.
-                opt.step()
-                warm.append(True)
-            with torch.no_grad():
-                return compiled()
-
-        return step
+        return compiled_step(opt, backend=self.args.compile_backend, no_grad=True)
 
     def compile_estimate(self) -> float:
         return max(self.compile_s) * 1.5 if self.compile_s else self.sizes.compile_prior_s
@@ -835,7 +673,7 @@ class Bench:
                 {"phase": "markdown", "error": _one_line(e), "traceback": traceback.format_exc()[-2000:]}
             )
         data["errors"] = self.errors
-        (self.out / "bench_step.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_json(self.out / "bench_step.json", data)
         with open(self.out / "bench_step.csv", "w", newline="") as f:
             tags = {k: self.env[k] for k in ("gpu", "torch", "triton", "git")}
             recs = [{**rec, **tags} for rec in data["rows"]]
@@ -862,24 +700,6 @@ def _dynamo_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
-
-
-def environment(device: torch.device) -> dict:
-    sha, source = git_sha(), "git"
-    if sha is None:
-        f = ROOT / ".gitsha"
-        sha, source = (f.read_text().strip(), ".gitsha") if f.exists() else ("unknown", "none")
-    return {
-        "gpu": device_name(device) + (" (dry run)" if device.type != "cuda" else ""),
-        **versions(),
-        "git": sha,
-        "git_source": source,
-    }
 
 
 # %% phases -------------------------------------------------------------------------------------------
@@ -1099,23 +919,6 @@ def run_e2e(b: Bench, ps: ParamSet, rows: list[Row]) -> None:
             f"{e['step_ms']:7.2f} ms  share {100 * e['step_share']:5.1f}%  adds "
             f"{100 * e.get('adds_vs_adamw', float('nan')):5.1f}%"
         )
-
-
-def _q(xs: list[float], f: float) -> float:
-    t = sorted(xs)
-    return t[min(len(t) - 1, int(f * len(t)))]
-
-
-def _linear_fit(xs: list[float], ys: list[float]) -> dict | None:
-    """Least squares y = a + b x; R^2 = 1 - SS_res / SS_tot."""
-    if len(xs) < 2:
-        return None
-    x, y = np.asarray(xs, float), np.asarray(ys, float)
-    slope, icept = np.polyfit(x, y, 1)
-    ss_res = float(((y - (icept + slope * x)) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1 - ss_res / ss_tot if ss_tot else 1.0
-    return {"intercept": float(icept), "slope": float(slope), "r2": r2, "points": len(xs)}
 
 
 def _fits(rows: list[Row], key: str) -> dict:

@@ -43,8 +43,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from rotkern import FusedRotatedAdamW  # noqa: E402
-from rotkern.kernels.reference import round_to_tf32  # noqa: E402
 from rotkern.kernels._tl import round_tf32 as _round_tf32  # noqa: E402
+from rotkern.kernels.reference import round_to_tf32  # noqa: E402
 from rotkern.optim._base import moment  # noqa: E402
 from rotkern.rotations import haar_orthogonal  # noqa: E402
 from rotkern.trainers.common import device_name, versions  # noqa: E402
