@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["TL_DTYPES", "adam_direction", "adam_moments", "device_guard", "launch", "round_tf32", "round_to"]
+__all__ = ["TL_DTYPES", "adam_direction", "adam_moments", "device_guard", "launch_kernel", "round_tf32", "round_to"]
 
 TL_DTYPES = {
     torch.float32: tl.float32,
@@ -66,7 +66,7 @@ def round_tf32(x):
     return tl.where(x == x, rounded, x)  # a NaN's payload must not carry into the sign
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
+def launch_kernel(kernel, grid, *args, **kwargs) -> None:
     """Every kernel launch of a step goes through here (tests count and check them)."""
     kernel[grid](*args, **kwargs)
 

@@ -55,7 +55,7 @@ from ..scopes import Unit
 from . import _rotated_adamw_plan as plan_tables
 from . import _triton_compat  # noqa: F401  (applies the Triton interpreter fix of triton#9171 where needed)
 from ._rotated_adamw_plan import PlanCache, get_plan
-from ._tl import TL_DTYPES, adam_direction, adam_moments, device_guard, round_tf32, round_to
+from ._tl import TL_DTYPES, adam_direction, adam_moments, device_guard, launch_kernel, round_tf32, round_to
 from .reference import round_to_tf32
 
 __all__ = ["PRECISIONS", "rotated_adamw_step"]
@@ -652,15 +652,15 @@ def rotated_adamw_step(
             grid = (launch.grid,)
             if not launch.rotated:
                 aligned = _aligned(state, plan.identity_params)
-                launch(_adamw_kernel, grid, ptr_table, hyper, *scalars, launch.table, len(params), ALIGNED=aligned,
-                        **common)  # fmt: skip
+                launch_kernel(_adamw_kernel, grid, ptr_table, hyper, *scalars, launch.table, len(params),
+                              ALIGNED=aligned, **common)  # fmt: skip
                 continue
             rot = plan.rot if precision != "tf32" else _rot_tf32(plan)
             args = (ptr_table, hyper, *scalars, launch.table, plan.rows, plan.segments, plan.perm, rot, ws)
             idx = tl.int64 if plan.wide else tl.int32
             for phase in (0,) if single_pass else (1, 2):
-                launch(_rotated_adamw_kernel, grid, *args, len(params), IDX=idx, PRECISION=precision, PHASE=phase,
-                        **common)  # fmt: skip
+                launch_kernel(_rotated_adamw_kernel, grid, *args, len(params), IDX=idx, PRECISION=precision,
+                              PHASE=phase, **common)  # fmt: skip
         if found_inf is not None:
             # torch's fused AdamW does the same: the skipped step's increment is taken back on the device.
             torch._foreach_sub_(steps, [found_inf.reshape(())] * len(steps))

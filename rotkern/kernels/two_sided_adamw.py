@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .._backend import PRECISIONS, why_not_triton
 from . import _triton_compat  # noqa: F401  (applies the Triton interpreter fix of triton#9171 where needed)
-from ._tl import TL_DTYPES, adam_direction, adam_moments, device_guard, launch, round_tf32, round_to
+from ._tl import TL_DTYPES, adam_direction, adam_moments, device_guard, launch_kernel, round_tf32, round_to
 
 __all__ = ["two_sided_adamw_step"]
 
@@ -288,7 +288,7 @@ def two_sided_adamw_step(
 
     def run(a, a_strides, bmat, b_strides, out, kk, epilogue, dot, negate=False):
         grid = (triton.cdiv(k, bm) * triton.cdiv(w, bn), b)
-        launch(
+        launch_kernel(
             _two_sided_kernel, grid,
             a, dummy if bmat is None else bmat, dummy if out is None else out,
             p3, m3, v3, dummy if vmax3 is None else vmax3,

@@ -379,7 +379,7 @@ def test_no_allocation_in_a_step_after_the_first(scope, monkeypatch):
         p.grad = torch.randn_like(p)
     opt.step()  # builds the plan, the state and the buffers
     launches = []
-    monkeypatch.setattr(kernel_module, "launch", lambda kernel, grid, *a, **k: launches.append(kernel))
+    monkeypatch.setattr(kernel_module, "launch_kernel", lambda kernel, grid, *a, **k: launches.append(kernel))
     with _Allocations() as counter:
         opt.step()
         opt.step()
@@ -397,7 +397,7 @@ def test_every_launch_runs_under_the_params_device_guard(monkeypatch):
         active.pop()
 
     monkeypatch.setattr(kernel_module, "device_guard", guard)
-    monkeypatch.setattr(kernel_module, "launch", lambda kernel, grid, *a, **k: launches.append(list(active)))
+    monkeypatch.setattr(kernel_module, "launch_kernel", lambda kernel, grid, *a, **k: launches.append(list(active)))
     state = State([torch.randn(s, device=DEVICE) for s in SHAPES], amsgrad=False)
     state.step(rotated_adamw_step, _grads(state.params), _units("output", 16, seed=0), **HYPER)
     assert launches and all(a == [state.params[0].device] for a in launches)

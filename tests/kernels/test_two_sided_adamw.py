@@ -162,8 +162,10 @@ def test_given_g_rot_and_eps_zero(shape):
 
 def test_launch_counts(monkeypatch):
     calls = []
-    original = kernel_module.launch
-    monkeypatch.setattr(kernel_module, "launch", lambda *a, **k: (calls.append(k["EPILOGUE"]), original(*a, **k)))
+    original = kernel_module.launch_kernel
+    monkeypatch.setattr(
+        kernel_module, "launch_kernel", lambda *a, **k: (calls.append(k["EPILOGUE"]), original(*a, **k))
+    )
     k, w = 5, 7
     gen = torch.Generator().manual_seed(7)
     L, R = _orthogonal(k, gen), _orthogonal(w, gen)
